@@ -1,0 +1,1 @@
+"""The inference side of dspark-chat: loading, drafters, the decode loop, the scheduler."""

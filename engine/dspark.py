@@ -1,0 +1,207 @@
+"""The DSpark drafter (DeepSpec's Qwen3DSparkModel), implemented here for inference.
+
+A parallel backbone reads the target's hidden states at a few layers (the context) and drafts a whole
+block at once; the Markov head makes the block left-to-right; the confidence head estimates, per
+position, the chance that the target accepts the draft given that it accepted everything before it.
+DeepSpec's DFlash checkpoints are the same model with no Markov head and no confidence head.
+Module and parameter names follow DeepSpec's checkpoints so a released model.safetensors loads as is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Qwen3Config
+from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding, rotate_half
+
+from dspark_chat.kernels.markov import markov_draft
+
+from .sampling import Proposal, Sampling
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class DraftAttention(nn.Module):
+    """Block queries attend, with no causal mask, to every context position and the whole block."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        d, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(d, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=bias)
+        self.q_norm = Qwen3RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = Qwen3RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def context_kv(self, context: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Keys and values of context rows [c, d] at their positions: [kv_heads, c, head_dim] each."""
+        c = context.shape[0]
+        k = self.k_norm(self.k_proj(context).view(c, self.kv_heads, self.head_dim)).transpose(0, 1)
+        v = self.v_proj(context).view(c, self.kv_heads, self.head_dim).transpose(0, 1)
+        return _rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, past_k, past_v):
+        """x: block rows [b, d]; past_k/past_v: the context keys and values."""
+        b = x.shape[0]
+        q = _rope(self.q_norm(self.q_proj(x).view(b, self.heads, self.head_dim)).transpose(0, 1), cos, sin)
+        k, v = self.context_kv(x, cos, sin)
+        k, v = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], enable_gqa=self.heads != self.kv_heads)
+        return self.o_proj(out[0].transpose(0, 1).reshape(b, -1))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.self_attn = DraftAttention(config)
+        self.mlp = Qwen3MLP(config)
+        self.input_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, past_k, past_v):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MarkovHead(nn.Module):
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        rank, vocab, d = int(config.markov_rank), config.vocab_size, config.hidden_size
+        self.kind = str(config.markov_head_type).lower()
+        self.markov_w1 = nn.Embedding(vocab, rank)
+        self.markov_w2 = nn.Linear(rank, vocab, bias=False)
+        if self.kind == "gated":
+            self.gate_proj = nn.Linear(d + rank, rank)
+        if self.kind == "rnn":
+            self.joint_proj = nn.Linear(2 * rank + d, 3 * rank)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        w = {"w1": self.markov_w1.weight, "w2": self.markov_w2.weight}
+        if self.kind == "gated":
+            w |= {"gate_w": self.gate_proj.weight, "gate_b": self.gate_proj.bias}
+        if self.kind == "rnn":
+            w |= {"joint_w": self.joint_proj.weight, "joint_b": self.joint_proj.bias}
+        return w
+
+
+class ConfidenceHead(nn.Module):
+    def __init__(self, input_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(input_dim, 1)
+
+
+class DSparkDrafter(nn.Module):
+    """One live sequence: context keys/values are cached per layer and grow as the target commits."""
+
+    def __init__(self, config: Qwen3Config, embed_tokens: nn.Embedding | None = None, lm_head: nn.Linear | None = None):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.block_size = int(config.block_size)
+        self.mask_token_id = int(config.mask_token_id)
+        self.feature_layers = tuple(int(i) for i in config.target_layer_ids)
+        self.layers = nn.ModuleList(DraftLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = Qwen3RMSNorm(d, eps=config.rms_norm_eps)
+        self.fc = nn.Linear(len(self.feature_layers) * d, d, bias=False)
+        self.hidden_norm = Qwen3RMSNorm(d, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen3RotaryEmbedding(config)
+        # Shared with the target when the checkpoint's copies are identical (they are frozen copies).
+        self.embed_tokens = nn.Embedding(config.vocab_size, d) if embed_tokens is None else embed_tokens
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False) if lm_head is None else lm_head
+        rank = int(getattr(config, "markov_rank", 0) or 0)
+        self.markov_head = MarkovHead(config) if rank > 0 else None
+        self.confidence_head = None
+        self.confidence_with_markov = False
+        if getattr(config, "enable_confidence_head", False):
+            self.confidence_with_markov = bool(getattr(config, "confidence_head_with_markov", False))
+            self.confidence_head = ConfidenceHead(d + (rank if self.confidence_with_markov else 0))
+        self.rewind(0)
+
+    # --- the sequence state -------------------------------------------------------------------
+    def rewind(self, length: int) -> int:
+        """Forget every position from `length` on; returns how many positions of context remain."""
+        if length <= 0 or not hasattr(self, "_past"):
+            self._past: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
+            self._cached = 0  # positions whose context keys/values are in _past
+            self._pending: torch.Tensor | None = None  # features of the positions after those
+        elif length < self._cached:
+            self._past = [None if p is None else (p[0][:, :length], p[1][:, :length]) for p in self._past]
+            self._cached, self._pending = length, None
+        elif self._pending is not None:
+            self._pending = self._pending[: length - self._cached]
+        return self.context_length
+
+    @property
+    def context_length(self) -> int:
+        return self._cached + (0 if self._pending is None else self._pending.shape[0])
+
+    def observe(self, features: torch.Tensor) -> None:
+        """Target features [n, len(layers) * d] of the next n committed positions."""
+        self._pending = features if self._pending is None else torch.cat([self._pending, features])
+
+    # --- drafting -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.fc.weight.device
+
+    @torch.inference_mode()
+    def propose(self, ids: torch.Tensor, limit: int, sampling: Sampling, generator=None) -> Proposal:
+        """Draft min(limit, block_size) tokens after ids[-1] (the anchor, at position len(ids) - 1)."""
+        start = ids.shape[0] - 1
+        if start != self.context_length:
+            raise RuntimeError(f"drafter context has {self.context_length} positions, anchor is at {start}")
+        n = min(limit, self.block_size)
+        if n <= 0:
+            return Proposal.empty(ids.device)
+        hidden = self.backbone(ids[-1])[:n]
+        base_logits = self.lm_head(hidden)
+        anchor = ids[-1].to(self.device)
+        if self.markov_head is None:
+            tokens, probs = sampling.pick(base_logits, generator)
+        else:
+            tokens, _, probs = markov_draft(
+                base_logits, hidden, anchor, self.markov_head.kind, self.markov_head.weights(),
+                sampling.temperature, sampling.top_k, sampling.top_p, generator,
+            )
+        confidence = None
+        if self.confidence_head is not None:
+            features = hidden
+            if self.confidence_with_markov:
+                prev = torch.cat([anchor.view(1), tokens[:-1]])
+                features = torch.cat([hidden, self.markov_head.markov_w1(prev).to(hidden.dtype)], -1)
+            confidence = self.confidence_head.proj(features).squeeze(-1).float()
+        return Proposal(tokens, probs, confidence)
+
+    def backbone(self, anchor: torch.Tensor) -> torch.Tensor:
+        """Hidden states [block_size, d] of the block [anchor, mask, ...]; folds pending context into the cache."""
+        start, gamma = self.context_length, self.block_size
+        embed_device = self.embed_tokens.weight.device
+        block_ids = torch.full((gamma,), self.mask_token_id, dtype=torch.long, device=embed_device)
+        block_ids[0] = anchor
+        x = self.embed_tokens(block_ids).to(self.device, self.fc.weight.dtype)
+        positions = torch.arange(self._cached, start + gamma, device=self.device)
+        cos, sin = self.rotary_emb(x, positions[None])
+        cos, sin = cos[0], sin[0]
+        new = start - self._cached
+        context = None
+        if new:
+            context = self.hidden_norm(self.fc(self._pending.to(self.device, x.dtype)))
+        for i, layer in enumerate(self.layers):
+            past = self._past[i]
+            if context is not None:
+                k, v = layer.self_attn.context_kv(context, cos[:new], sin[:new])
+                past = (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
+                self._past[i] = past
+            if past is None:
+                empty = x.new_zeros(layer.self_attn.kv_heads, 0, layer.self_attn.head_dim)
+                past = (empty, empty)
+            x = layer(x, cos[new:], sin[new:], *past)
+        self._cached, self._pending = start, None
+        return self.norm(x)

@@ -1,0 +1,81 @@
+"""The Python API: load a target and a drafter, then stream Step events for prompts or chats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from .decode import Drafter, Step, decode
+from .dspark import DSparkDrafter
+from .loading import LoadError, cache_dir, load_drafter, load_target
+from .prompt_lookup import PromptLookupDrafter
+from .sampling import Sampling
+from .scheduler import Scheduler, load_calibration, sps_profile
+from .target import Target
+
+
+class Engine:
+    def __init__(self, target: Target, drafter: Drafter | None = None, scheduler: Scheduler | None = None):
+        self.target = target
+        self.drafter = drafter
+        self.scheduler = scheduler or Scheduler(mode="off")
+
+    @classmethod
+    def load(
+        cls,
+        target: str,
+        drafter: str | None = None,
+        prompt_lookup: bool = False,
+        dtype: str = "auto",
+        device: str | None = None,
+        scheduler: str = "auto",
+        threshold: float = 0.5,
+        calibration: str | None = None,
+    ) -> "Engine":
+        if drafter and prompt_lookup:
+            raise LoadError("choose either a drafter or prompt lookup, not both")
+        loaded = load_target(target, dtype, device)
+        draft: Drafter | None = PromptLookupDrafter() if prompt_lookup else None
+        plan = Scheduler(mode=scheduler, threshold=threshold)
+        if drafter:
+            draft = load_drafter(drafter, loaded)
+            if calibration is None and Path(drafter, "calibration.json").is_file():
+                calibration = str(Path(drafter, "calibration.json"))
+            if calibration:
+                plan.temperatures = load_calibration(Path(calibration))
+            if scheduler == "auto" and draft.confidence_head is not None:
+                plan.sps = sps_profile(loaded, draft.block_size + 1, cache_dir())
+        return cls(loaded, draft, plan)
+
+    @property
+    def tokenizer(self):
+        return self.target.tokenizer
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt ids of a conversation, through the target tokenizer's own chat template."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise LoadError(f"{self.target.name} has no chat template; send a plain prompt instead")
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        sampling: Sampling = Sampling(),
+        max_new_tokens: int = 256,
+        speculative: bool = True,
+        max_draft: int | None = None,
+    ) -> Iterator[Step]:
+        drafter = self.drafter if speculative else None
+        return decode(self.target, drafter, prompt_ids, sampling, max_new_tokens, self.scheduler, max_draft)
+
+    def chat(self, messages: list[dict], **options) -> Iterator[Step]:
+        return self.generate(self.chat_ids(messages), **options)
+
+    def describe(self) -> str:
+        kind = "no drafter"
+        if isinstance(self.drafter, DSparkDrafter):
+            kind = f"drafter block {self.drafter.block_size}, scheduler {self.scheduler.mode}"
+        elif isinstance(self.drafter, PromptLookupDrafter):
+            kind = "prompt lookup"
+        return f"{self.target.name} ({self.target.dtype}, {self.target.device}), {kind}"

