@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -43,9 +44,20 @@ class Engine:
                 calibration = str(Path(drafter, "calibration.json"))
             if calibration:
                 plan.temperatures = load_calibration(Path(calibration))
-            if scheduler == "auto" and draft.confidence_head is not None:
-                plan.sps = sps_profile(loaded, draft.block_size + 1, cache_dir())
-        return cls(loaded, draft, plan)
+        engine = cls(loaded, draft, plan)
+        if scheduler == "auto":
+            engine.scheduler_for("auto")  # profile now, at start-up, rather than in the first request
+        return engine
+
+    def scheduler_for(self, mode: str | None = None, threshold: float | None = None) -> Scheduler:
+        """The engine's scheduler, or a copy with another mode or threshold for one request. The auto
+        mode needs the SPS profile, measured once (and cached on disk) for a drafter with confidences."""
+        plan = self.scheduler
+        if mode is not None or threshold is not None:
+            plan = replace(plan, mode=mode or plan.mode, threshold=plan.threshold if threshold is None else threshold)
+        if plan.mode == "auto" and plan.sps is None and getattr(self.drafter, "confidence_head", None) is not None:
+            self.scheduler.sps = plan.sps = sps_profile(self.target, self.drafter.block_size + 1, cache_dir())
+        return plan
 
     @property
     def tokenizer(self):
@@ -65,9 +77,14 @@ class Engine:
         max_new_tokens: int = 256,
         speculative: bool = True,
         max_draft: int | None = None,
+        scheduler: str | None = None,
+        threshold: float | None = None,
     ) -> Iterator[Step]:
+        """Steps for one request; `speculative=False` runs the same loop with no drafter (the
+        baseline). Not thread-safe: one request at a time per engine."""
         drafter = self.drafter if speculative else None
-        return decode(self.target, drafter, prompt_ids, sampling, max_new_tokens, self.scheduler, max_draft)
+        plan = self.scheduler_for(scheduler, threshold)
+        return decode(self.target, drafter, prompt_ids, sampling, max_new_tokens, plan, max_draft)
 
     def chat(self, messages: list[dict], **options) -> Iterator[Step]:
         return self.generate(self.chat_ids(messages), **options)

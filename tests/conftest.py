@@ -7,6 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+from dspark_chat.engine.sampling import Proposal
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = DATA / "deepspec_reference"
@@ -93,3 +96,64 @@ def smollm2():
     from dspark_chat.engine.loading import load_target
 
     return load_target("smollm2", dtype="float32", device="cpu")
+
+
+class Forcing:
+    """Replaces the first drafts of each round by the target's greedy tokens, as the reference's
+    forced runs do, so that rounds accept several tokens and the context grows by more than one."""
+
+    def __init__(self, drafter, prompt_len, greedy, schedule):
+        self.drafter, self.prompt_len, self.greedy, self.schedule = drafter, prompt_len, greedy, schedule
+        self.block_size, self.feature_layers = drafter.block_size, drafter.feature_layers
+        self.own: list[list[int]] = []
+
+    def rewind(self, length):
+        return self.drafter.rewind(length)
+
+    def observe(self, features):
+        self.drafter.observe(features)
+
+    def propose(self, ids, limit, sampling, generator=None):
+        proposal = self.drafter.propose(ids, limit, sampling, generator)
+        self.own.append(proposal.tokens.tolist())
+        forced = self.schedule[(len(self.own) - 1) % len(self.schedule)]
+        done = len(ids) - self.prompt_len
+        tokens = proposal.tokens.clone()
+        tokens[:forced] = torch.tensor(self.greedy[done : done + forced])[: len(tokens)]
+        return Proposal(tokens, None, proposal.confidence_logits)
+
+
+
+
+def make_tiny_pair(folder: Path, tokenizer, vocab_size: int = 512, block_size: int = 4, markov_rank: int = 8,
+                   confidence: bool = True, seed: int = 0, std: float = 0.5) -> tuple[Path, Path]:
+    """A random tiny Qwen3 target and a random DSpark drafter for it, saved in DeepSpec's layout."""
+    from safetensors.torch import save_file
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from dspark_chat.engine.dspark import DSparkDrafter
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    target = Qwen3ForCausalLM(config)
+    drafter_fields = dict(
+        architectures=["Qwen3DSparkModel"], block_size=block_size, num_hidden_layers=1, num_target_layers=3,
+        target_layer_ids=[0, 1], mask_token_id=3, layer_types=["full_attention"], markov_rank=markov_rank, markov_head_type="vanilla",
+        enable_confidence_head=confidence, confidence_head_with_markov=confidence and markov_rank > 0, num_anchors=8,
+    )
+    drafter = DSparkDrafter(Qwen3Config(**(config.to_dict() | drafter_fields)))
+    for model in (target, drafter):
+        for name, p in model.named_parameters():
+            with torch.no_grad():
+                p.copy_(torch.ones_like(p) if "norm" in name else torch.randn_like(p) * std)
+    target_dir, drafter_dir = folder / "target", folder / "drafter"
+    target.save_pretrained(target_dir)
+    tokenizer.save_pretrained(target_dir)
+    drafter_dir.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in drafter.state_dict().items()}, drafter_dir / "model.safetensors")
+    (drafter_dir / "config.json").write_text(json.dumps(config.to_dict() | drafter_fields))
+    return target_dir, drafter_dir

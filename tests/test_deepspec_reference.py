@@ -10,36 +10,9 @@ import torch
 
 from dspark_chat.engine.decode import decode
 from dspark_chat.engine.loading import load_drafter
-from dspark_chat.engine.sampling import Proposal
-
-from .conftest import REFERENCE
+from .conftest import REFERENCE, Forcing
 
 VARIANTS = ["dspark", "dspark_gated", "dspark_rnn", "dflash"]
-
-
-class Forcing:
-    """Replaces the first drafts of each round by the target's greedy tokens, as the reference's
-    forced runs do, so that rounds accept several tokens and the context grows by more than one."""
-
-    def __init__(self, drafter, prompt_len, greedy, schedule):
-        self.drafter, self.prompt_len, self.greedy, self.schedule = drafter, prompt_len, greedy, schedule
-        self.block_size, self.feature_layers = drafter.block_size, drafter.feature_layers
-        self.own: list[list[int]] = []
-
-    def rewind(self, length):
-        return self.drafter.rewind(length)
-
-    def observe(self, features):
-        self.drafter.observe(features)
-
-    def propose(self, ids, limit, sampling, generator=None):
-        proposal = self.drafter.propose(ids, limit, sampling, generator)
-        self.own.append(proposal.tokens.tolist())
-        forced = self.schedule[(len(self.own) - 1) % len(self.schedule)]
-        done = len(ids) - self.prompt_len
-        tokens = proposal.tokens.clone()
-        tokens[:forced] = torch.tensor(self.greedy[done : done + forced])
-        return Proposal(tokens, None, proposal.confidence_logits)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -1,0 +1,160 @@
+"""The decode loop's bookkeeping: caches after many rounds, reuse across turns, stops, limits, events."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dspark_chat.engine.decode import ContextLengthError, TextStream, decode
+from dspark_chat.engine.engine import Engine
+from dspark_chat.engine.loading import load_drafter
+from dspark_chat.engine.sampling import Sampling
+from dspark_chat.engine.stats import summarize
+
+from .conftest import REFERENCE, Forcing
+
+
+@pytest.fixture
+def drafter(tiny_target):
+    tiny_target.rewind(0)
+    return load_drafter(str(REFERENCE / "dspark"), tiny_target)
+
+
+def baseline(target, prompt, n):
+    target.rewind(0)
+    return [t for s in decode(target, None, prompt, Sampling(), n) for t in s.token_ids]
+
+
+def test_target_cache_after_many_rounds_equals_a_fresh_prefill(tiny_target, drafter, reference):
+    prompt = reference["prompts"][1]
+    greedy = baseline(tiny_target, prompt, 60)
+    tiny_target.rewind(0)
+    forcing = Forcing(drafter, len(prompt), greedy + [0] * 8, [3, 7, 0, 5, 1, 6, 2, 4])
+    out = [t for s in decode(tiny_target, forcing, prompt, Sampling(), 60) for t in s.token_ids]
+    ids = prompt + out
+    assert tiny_target.cached_ids == ids[:-1]
+    cached, _ = tiny_target.forward(ids[-1:])
+    fresh = tiny_target.model(input_ids=torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(cached[-1], fresh, atol=1e-4, rtol=1e-4)
+
+
+def test_drafter_context_grown_round_by_round_equals_one_built_at_once(tiny_target, drafter, reference):
+    prompt = reference["prompts"][3]
+    greedy = baseline(tiny_target, prompt, 30)
+    tiny_target.rewind(0)
+    forcing = Forcing(drafter, len(prompt), greedy + [0] * 8, [2, 6, 1])
+    ids = prompt + [t for s in decode(tiny_target, forcing, prompt, Sampling(), 30) for t in s.token_ids]
+    incremental = drafter.propose(torch.tensor(ids), 7, Sampling())
+
+    fresh = load_drafter(str(REFERENCE / "dspark"), tiny_target)
+    tiny_target.rewind(0)
+    _, features = tiny_target.forward(ids[:-1], fresh.feature_layers)
+    fresh.observe(features)
+    at_once = fresh.propose(torch.tensor(ids), 7, Sampling())
+    assert incremental.tokens.tolist() == at_once.tokens.tolist()
+    torch.testing.assert_close(incremental.confidence_logits, at_once.confidence_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_second_turn_reuses_the_cache_and_gives_the_same_answer(tiny_target, drafter, tokenizer):
+    engine = Engine(tiny_target, drafter)
+    first = [{"role": "user", "content": "def fibonacci(n):"}]
+    answer = "".join(s.text for s in engine.chat(first, max_new_tokens=12))
+    second = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "import json"}]
+    prompt = engine.chat_ids(second)
+
+    prefilled = []
+    real_forward = tiny_target.forward
+    tiny_target.forward = lambda ids, *a, **k: prefilled.append(len(ids)) or real_forward(ids, *a, **k)
+    try:
+        reused = [t for s in engine.chat(second, max_new_tokens=12) for t in s.token_ids]
+    finally:
+        del tiny_target.forward
+    shared = len(engine.chat_ids(first))
+    assert prefilled[0] <= len(prompt) - shared  # only the new part of the conversation was prefilled
+    tiny_target.rewind(0)
+    drafter.rewind(0)
+    assert [t for s in engine.chat(second, max_new_tokens=12) for t in s.token_ids] == reused
+
+
+def test_a_turn_without_the_drafter_then_with_it_stays_lossless(tiny_target, drafter, reference):
+    engine = Engine(tiny_target, drafter)
+    prompt = reference["prompts"][0]
+    plain = [t for s in engine.generate(prompt, max_new_tokens=20, speculative=False) for t in s.token_ids]
+    longer = prompt + plain + [5, 6]
+    spec = [t for s in engine.generate(longer, max_new_tokens=20) for t in s.token_ids]
+    assert spec == baseline(tiny_target, longer, 20)
+
+
+def test_stop_token_ends_the_answer_even_inside_accepted_drafts(tiny_target, drafter, reference):
+    prompt = reference["prompts"][2]
+    greedy = baseline(tiny_target, prompt, 30)
+    stop = greedy[9]
+    tiny_target.stop_ids = (stop,)
+    try:
+        tiny_target.rewind(0)
+        forcing = Forcing(drafter, len(prompt), greedy + [0] * 8, [7])
+        steps = list(decode(tiny_target, forcing, prompt, Sampling(), 30))
+    finally:
+        tiny_target.stop_ids = (2,)
+    out = [t for s in steps for t in s.token_ids]
+    assert out == greedy[: greedy.index(stop) + 1]
+    assert steps[-1].finish_reason == "stop"
+    assert tiny_target.cached_ids == (prompt + out)[:-1]
+
+
+def test_context_length_is_enforced(tiny_target):
+    with pytest.raises(ContextLengthError, match="context holds 1024"):
+        next(decode(tiny_target, None, [5] * 1024, Sampling(), 10))
+    tiny_target.rewind(0)
+    steps = list(decode(tiny_target, None, [5] * 1020, Sampling(), 10))
+    assert sum(len(s.token_ids) for s in steps) == 4 and steps[-1].finish_reason == "length"
+
+
+def test_events_carry_what_the_stats_need(tiny_target, drafter, reference):
+    prompt = reference["prompts"][0]
+    greedy = baseline(tiny_target, prompt, 25)
+    tiny_target.rewind(0)
+    forcing = Forcing(drafter, len(prompt), greedy + [0] * 8, [4, 0, 7, 2])
+    steps = list(decode(tiny_target, forcing, prompt, Sampling(), 25))
+    first, rounds = steps[0], steps[1:]
+    assert first.prefill and first.origins == ["target"] and first.verified == 0
+    for s in rounds:
+        assert len(s.draft_ids) <= 7 and s.verified <= len(s.draft_ids)
+        assert s.origins == ["draft"] * s.accepted + ["target"] * (len(s.token_ids) - s.accepted)
+        assert s.token_ids[: s.accepted] == s.draft_ids[: s.accepted]
+        assert s.draft_ms >= 0 and s.verify_ms > 0
+    assert [s.accepted for s in rounds[:4]] == [4, 0, 7, 2]
+    stats = summarize([s.to_dict() for s in steps])
+    assert stats["tokens"] == 25
+    assert stats["rounds"] == len(rounds)
+    assert stats["tau"] == pytest.approx(sum(len(s.token_ids) for s in rounds) / len(rounds))
+    assert stats["acceptance_rate"] == pytest.approx(sum(s.accepted for s in rounds) / sum(s.verified for s in rounds))
+    assert stats["time_to_first_token_ms"] == first.elapsed_ms
+    assert stats["finish_reason"] == "length"
+
+
+def test_summarize_by_hand():
+    def step(tokens, drafts, verified, accepted, t, prefill=False):
+        return {"token_ids": tokens, "draft_ids": drafts, "verified": verified, "accepted": accepted,
+                "draft_ms": 1.0, "verify_ms": 3.0, "elapsed_ms": t, "prefill": prefill, "finish_reason": None}
+
+    steps = [step([1], [], 0, 0, 100.0, True), step([2, 3, 4], [2, 3, 9], 3, 2, 300.0),
+             step([5], [7, 7], 2, 0, 400.0), step([6, 7], [6], 1, 1, 600.0)]
+    stats = summarize(steps)
+    assert stats["tau"] == 2.0
+    assert stats["acceptance_rate"] == 0.5
+    # position 1: verified in 3 rounds, accepted in 2; position 2: reached in 1 round (the first), accepted;
+    # position 3: reached once, rejected.
+    assert stats["acceptance_by_position"] == [2 / 3, 1.0, 0.0]
+    assert stats["decode_tokens_per_s"] == pytest.approx(6 / 0.5)
+    assert stats["time_to_first_token_ms"] == 100.0
+    assert stats["draft_ms"] == 3.0 and stats["verify_ms"] == 9.0
+
+
+def test_text_stream_holds_back_split_characters(tokenizer):
+    text = "café ✓ naïve — 日本語 fibonacci"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer)
+    pieces = [stream.push([i]) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)

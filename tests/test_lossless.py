@@ -1,0 +1,172 @@
+"""Losslessness: greedy speculative output equals the baseline token for token, and sampling keeps
+the target's distribution (with a test that a broken acceptance rule fails)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import dspark_chat.engine.decode as decode_module
+from dspark_chat.engine.decode import decode
+from dspark_chat.engine.loading import load_drafter, load_target
+from dspark_chat.engine.prompt_lookup import PromptLookupDrafter
+from dspark_chat.engine.sampling import Sampling
+from dspark_chat.engine.scheduler import Scheduler, measure_sps
+from dspark_chat.kernels.acceptance import accept_sampled
+from dspark_chat.kernels.sampling import sample, to_probs
+
+from .conftest import REFERENCE, Forcing, make_tiny_pair
+
+
+def prompts(reference) -> list[list[int]]:
+    """The reference prompts plus prompts that repeat themselves (prompt lookup drafts from them; the
+    random target rarely follows, so tests/test_smollm2.py checks prompt lookup's accepted drafts)."""
+    g = torch.Generator().manual_seed(7)
+    repeating = []
+    for length in (6, 11, 19):
+        piece = torch.randint(4, 512, (length,), generator=g).tolist()
+        repeating.append(piece * 3)
+    return reference["prompts"] + repeating
+
+
+def generated(target, drafter, prompt, scheduler=None, max_new_tokens=40, sampling=Sampling()):
+    target.rewind(0)
+    if drafter is not None:
+        drafter.rewind(0)
+    return [t for s in decode(target, drafter, prompt, sampling, max_new_tokens, scheduler) for t in s.token_ids]
+
+
+@pytest.fixture(scope="module")
+def profile(tiny_target):
+    return measure_sps(tiny_target, 8, repeats=2)
+
+
+@pytest.mark.parametrize("mode", ["off", "threshold", "auto"])
+@pytest.mark.parametrize("variant", ["dspark", "dspark_gated", "dspark_rnn", "dflash", "prompt_lookup"])
+def test_greedy_speculative_equals_baseline(variant, mode, tiny_target, reference, profile):
+    drafter = PromptLookupDrafter() if variant == "prompt_lookup" else load_drafter(str(REFERENCE / variant), tiny_target)
+    scheduler = Scheduler(mode=mode, threshold=0.6, sps=profile)
+    for prompt in prompts(reference):
+        baseline = generated(tiny_target, None, prompt)
+        assert generated(tiny_target, drafter, prompt, scheduler) == baseline
+        if variant != "prompt_lookup":
+            # Rounds that accept 0..7 drafts exercise every rollback length of both caches.
+            forcing = Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 7, 0, 5, 1, 6, 2, 4])
+            assert generated(tiny_target, forcing, prompt, scheduler) == baseline
+
+
+def test_greedy_identity_with_max_draft_and_budgets(tiny_target, reference):
+    drafter = load_drafter(str(REFERENCE / "dspark"), tiny_target)
+    prompt = reference["prompts"][2]
+    full = generated(tiny_target, None, prompt, max_new_tokens=24)
+    for budget, max_draft in itertools.product((1, 2, 9, 24), (1, 3, None)):
+        forcing = Forcing(drafter, len(prompt), full + [0] * 8, [7, 2, 5])
+        tiny_target.rewind(0)
+        drafter.rewind(0)
+        steps = list(decode(tiny_target, forcing, prompt, Sampling(), budget, None, max_draft))
+        assert [t for s in steps for t in s.token_ids] == full[:budget]
+        assert steps[-1].finish_reason == "length"
+        assert all(s.verified <= (max_draft or 7) for s in steps)
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+def draws_of_acceptance(rule, p, q, n, seed=0):
+    """First committed token when one draft x ~ q is verified against p, n times."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(len(p))
+    target = torch.stack([p, torch.full_like(p, 1 / len(p))])
+    for _ in range(n):
+        x = sample(q, g).view(1)
+        accepted, bonus = rule(target, x, q[None], g)
+        counts[int(x) if accepted else int(bonus)] += 1
+    return counts
+
+
+def broken_rule(target_probs, draft_ids, draft_probs, generator=None):
+    """Resamples a rejected draft from the target itself instead of the residual: a classic bug."""
+    n = draft_ids.shape[0]
+    if n == 0:
+        return accept_sampled(target_probs, draft_ids, draft_probs, generator)
+    p = target_probs[:n].gather(-1, draft_ids[:, None]).squeeze(-1)
+    q = draft_probs.gather(-1, draft_ids[:, None]).squeeze(-1)
+    accepted = int((torch.rand(n, generator=generator) * q < p).cumprod(0).sum())
+    return accepted, sample(target_probs[accepted], generator)
+
+
+def test_acceptance_rule_keeps_the_target_distribution():
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    q = torch.tensor([0.1, 0.4, 0.1, 0.3, 0.1])
+    n = 20000
+    good = draws_of_acceptance(accept_sampled, p, q, n)
+    assert chisquare(good, p * n).pvalue > 1e-3
+    bad = draws_of_acceptance(broken_rule, p, q, n)
+    assert chisquare(bad, p * n).pvalue < 1e-6
+
+
+@torch.inference_mode()
+def exact_distribution(target, prefix, length, sampling):
+    """P(first `length` generated tokens) under the target, by enumeration."""
+    vocab = target.vocab_size
+    out = {}
+    for seq in itertools.product(range(vocab), repeat=length):
+        prob = 1.0
+        for i in range(length):
+            ids = torch.tensor([prefix + list(seq[:i])])
+            logits = target.model(input_ids=ids).logits[0, -1]
+            prob *= float(sampling.probs(logits)[seq[i]])
+        out[seq] = prob
+    return out
+
+
+def sampled_counts(target, drafter, prefix, length, sampling, runs):
+    counts = {}
+    for seed in range(runs):
+        target.rewind(0)
+        drafter.rewind(0)
+        s = Sampling(sampling.temperature, sampling.top_p, sampling.top_k, seed)
+        tokens = tuple(t for step in decode(target, drafter, prefix, s, 6) for t in step.token_ids)[:length]
+        counts[tokens] = counts.get(tokens, 0) + 1
+    return counts
+
+
+def chi_square_pvalue(counts, exact, runs):
+    keys = [k for k in exact if exact[k] * runs >= 5]
+    rest = 1 - sum(exact[k] for k in keys)
+    observed = [counts.get(k, 0) for k in keys] + [runs - sum(counts.get(k, 0) for k in keys)]
+    expected = [exact[k] * runs for k in keys] + [rest * runs]
+    if expected[-1] < 1e-9:
+        observed, expected = observed[:-1], expected[:-1]
+    return chisquare(observed, expected).pvalue
+
+
+@pytest.mark.parametrize(
+    "sampling", [Sampling(1.0), Sampling(0.7, top_k=3), Sampling(1.3, top_p=0.8)], ids=["t1", "t0.7-topk3", "t1.3-topp0.8"]
+)
+def test_speculative_sampling_matches_target_distribution(sampling, tmp_path, tokenizer, monkeypatch):
+    target_dir, drafter_dir = make_tiny_pair(tmp_path, tokenizer, vocab_size=4, block_size=4, markov_rank=4, std=0.8)
+    target = load_target(str(target_dir), "float32", "cpu")
+    target.stop_ids = ()  # with four tokens, the end-of-text id 2 would cut sequences short
+    drafter = load_drafter(str(drafter_dir), target)
+    prefix, length, runs = [1, 3, 0], 3, 1000
+    exact = exact_distribution(target, prefix, length, sampling)
+    counts = sampled_counts(target, drafter, prefix, length, sampling, runs)
+    assert chi_square_pvalue(counts, exact, runs) > 1e-3
+    if sampling.top_k or sampling.top_p < 1:
+        return
+    # The same test must catch a broken rule: it does, decisively.
+    monkeypatch.setattr(decode_module, "accept_sampled", broken_rule)
+    counts = sampled_counts(target, drafter, prefix, length, sampling, runs)
+    assert chi_square_pvalue(counts, exact, runs) < 1e-4
+
+
+def test_to_probs_applies_top_k_and_top_p():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    assert (to_probs(logits, 1.0, top_k=2)[2:] == 0).all()
+    full = torch.softmax(logits, -1)
+    kept = to_probs(logits, 1.0, top_p=0.8)
+    # The smallest set whose mass reaches 0.8 is the first two tokens (0.64 + 0.24).
+    assert (kept[2:] == 0).all() and torch.allclose(kept[:2], full[:2] / full[:2].sum())
