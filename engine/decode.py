@@ -114,7 +114,7 @@ def decode(
     layers = drafter.feature_layers if drafter else ()
     generator = None
     if sampling.seed is not None:
-        generator = torch.Generator(device=target.device).manual_seed(sampling.seed)
+        generator = torch.Generator(device=target.output_device).manual_seed(sampling.seed)
     stream = TextStream(target.tokenizer)
 
     # Prefill what the cache does not hold yet; always run the last prompt token, for its logits.

@@ -100,6 +100,27 @@ class ConfidenceHead(nn.Module):
 class DSparkDrafter(nn.Module):
     """One live sequence: context keys/values are cached per layer and grow as the target commits."""
 
+    # --- the architecture-specific parts (Gemma4DSparkDrafter in dspark_gemma4.py overrides them) --
+    @classmethod
+    def config_from(cls, raw: dict) -> Qwen3Config:
+        """The model config from a checkpoint's config.json; ValueError says what is missing or unsupported."""
+        return Qwen3Config(**{k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype", "dtype")})
+
+    def new_layer(self, config, index: int) -> nn.Module:
+        return DraftLayer(config)
+
+    def new_norm(self, config) -> nn.Module:
+        return Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def new_rotary(self, config) -> nn.Module:
+        return Qwen3RotaryEmbedding(config)
+
+    def new_embedding(self, config) -> nn.Embedding:
+        return nn.Embedding(config.vocab_size, config.hidden_size)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
     def __init__(self, config: Qwen3Config, embed_tokens: nn.Embedding | None = None, lm_head: nn.Linear | None = None):
         super().__init__()
         self.config = config
@@ -107,13 +128,13 @@ class DSparkDrafter(nn.Module):
         self.block_size = int(config.block_size)
         self.mask_token_id = int(config.mask_token_id)
         self.feature_layers = tuple(int(i) for i in config.target_layer_ids)
-        self.layers = nn.ModuleList(DraftLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = Qwen3RMSNorm(d, eps=config.rms_norm_eps)
+        self.layers = nn.ModuleList(self.new_layer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = self.new_norm(config)
         self.fc = nn.Linear(len(self.feature_layers) * d, d, bias=False)
-        self.hidden_norm = Qwen3RMSNorm(d, eps=config.rms_norm_eps)
-        self.rotary_emb = Qwen3RotaryEmbedding(config)
+        self.hidden_norm = self.new_norm(config)
+        self.rotary_emb = self.new_rotary(config)
         # Shared with the target when the checkpoint's copies are identical (they are frozen copies).
-        self.embed_tokens = nn.Embedding(config.vocab_size, d) if embed_tokens is None else embed_tokens
+        self.embed_tokens = self.new_embedding(config) if embed_tokens is None else embed_tokens
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False) if lm_head is None else lm_head
         rank = int(getattr(config, "markov_rank", 0) or 0)
         self.markov_head = MarkovHead(config) if rank > 0 else None
@@ -161,7 +182,7 @@ class DSparkDrafter(nn.Module):
         if n <= 0:
             return Proposal.empty(ids.device)
         hidden = self.backbone(ids[-1])[:n]
-        base_logits = self.lm_head(hidden)
+        base_logits = self.logits(hidden)
         anchor = ids[-1].to(self.device)
         if self.markov_head is None:
             tokens, probs = sampling.pick(base_logits, generator)

