@@ -1,5 +1,5 @@
-"""The `dspark-chat` command. Engine commands run as `python -m dspark_chat.engine` in this
-process's place, so the client never imports torch."""
+"""The `dspark-chat` command: with no command it opens the terminal app; engine commands run as
+`python -m dspark_chat.engine` in this process's place, so the client never imports torch."""
 
 from __future__ import annotations
 
@@ -11,15 +11,33 @@ ENGINE_COMMANDS = {"generate": "answer one prompt and print decoding statistics"
                    "bench": "measure decoding modes side by side on a prompt file",
                    "train": "train a DSpark drafter for a target (online distillation)"}
 
+USAGE = """usage: dspark-chat [--model PAIR | --engine-url URL [--api-key KEY]]
+       dspark-chat COMMAND [options]
+
+With no command, opens the chat app: pick a pair, chat, compare speculation on and off.
+  --model PAIR       start this catalog pair at once (`dspark-chat models` lists them)
+  --engine-url URL   use an engine that is already running: ours or any OpenAI-compatible server
+  --api-key KEY      the key that server wants
+
+commands:
+{commands}
+
+`dspark-chat COMMAND --help` explains each."""
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ENGINE_COMMANDS:
-        args = [sys.executable, "-m", "dspark_chat.engine", *argv]
-        os.execv(sys.executable, args)
-    commands = "\n".join(f"  {name:<10} {text}" for name, text in ENGINE_COMMANDS.items())
-    print(f"usage: dspark-chat COMMAND [options]\n\ncommands:\n{commands}\n\n`dspark-chat COMMAND --help` explains each.")
-    return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        os.execv(sys.executable, [sys.executable, "-m", "dspark_chat.engine", *argv])
+    if argv and (argv[0] in ("-h", "--help") or not argv[0].startswith("-")):
+        print(USAGE.format(commands="\n".join(f"  {name:<10} {text}" for name, text in ENGINE_COMMANDS.items())))
+        if argv[0] not in ("-h", "--help"):
+            print(f"\ndspark-chat: error: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    from .tui import main as run_app
+
+    return run_app(argv)
 
 
 if __name__ == "__main__":
