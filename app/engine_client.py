@@ -211,7 +211,8 @@ class TurnStats:
         """tokens, decode_tokens_per_s, time_to_first_token_ms, and where reported: tau,
         acceptance_rate, acceptance_by_position, draft_ms, verify_ms; `source` says which."""
         if self.events:
-            return summarize(self.events) | {"source": "dspark"}
+            comparison = ((self.usage or {}).get("dspark") or {}).get("comparison")
+            return summarize(self.events) | {"source": "dspark"} | ({"comparison": comparison} if comparison else {})
         usage = self.usage or {}
         tokens = usage.get("completion_tokens") or self.chunks
         out = {"tokens": tokens, "source": "timing",

@@ -317,6 +317,7 @@ class StatusBar(Static):
 
 
 class ChatScreen(Screen):
+    AUTO_FOCUS = "ChatInput"
     BINDINGS = [
         Binding("escape", "cancel", "Cancel"),
         Binding("ctrl+r", "compare", "Compare on/off"),
@@ -343,7 +344,6 @@ class ChatScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(ChatInput).focus()
         self.set_interval(1.0, self.check_engine)
         self.show_connection()
 
@@ -611,15 +611,17 @@ class SettingsScreen(ModalScreen):
             yield Label("Settings for this conversation", classes="dialog-title")
             for key, label, value in (("temperature", "temperature (0 = greedy)", s["temperature"]), ("top_p", "top-p", s["top_p"]),
                                       ("max_tokens", "max tokens", s["max_tokens"]),
-                                      ("block_size", "block size (blank: the drafter's)", s["block_size"]),
+                                      ("block_size", "block size (blank: drafter's)", s["block_size"]),
                                       ("seed", "seed (blank: random)", s["seed"])):
-                yield Label(label)
-                yield Input("" if value is None else str(value), id=key)
-            yield Label("scheduler")
-            yield Select([(m, m) for m in ("auto", "threshold", "off")], value=s["scheduler"], allow_blank=False, id="scheduler")
-            with Horizontal(classes="switch-row"):
-                yield Switch(value=s["speculative"], id="speculative")
+                with Horizontal(classes="setting"):
+                    yield Label(label)
+                    yield Input("" if value is None else str(value), id=key)
+            with Horizontal(classes="setting"):
+                yield Label("scheduler")
+                yield Select([(m, m) for m in ("auto", "threshold", "off")], value=s["scheduler"], allow_blank=False, id="scheduler")
+            with Horizontal(classes="setting"):
                 yield Label("speculative decoding")
+                yield Switch(value=s["speculative"], id="speculative")
             yield Static("", id="settings-error")
             with Horizontal(classes="buttons"):
                 yield Button("Save", variant="primary", id="save")
@@ -644,6 +646,7 @@ class SettingsScreen(ModalScreen):
                 "speculative": self.query_one(Switch).value}
 
     @on(Button.Pressed, "#save")
+    @on(Input.Submitted)
     def save(self) -> None:
         try:
             self.dismiss(self.read())
@@ -684,6 +687,9 @@ class HistoryScreen(ModalScreen):
         for conv in self.conversations:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(conv.updated))
             options.add_option(Option(f"{conv.title}  ·  {conv.model}  ·  {len(conv.messages)} messages  ·  {when}", id=conv.id))
+        if self.conversations:
+            options.highlighted = 0
+        options.focus()
         note = "Enter opens, d deletes, e exports as Markdown." if self.conversations else "No saved conversations yet."
         if problems:
             note += "\nUnreadable files (left untouched): " + "; ".join(problems)
@@ -752,7 +758,10 @@ class DSparkChat(App):
     #dialog { width: 70; height: auto; max-height: 90%; border: thick $primary; background: $surface; padding: 1 2; }
     SettingsScreen, HistoryScreen { align: center middle; }
     .dialog-title { text-style: bold; margin-bottom: 1; }
-    .switch-row, .buttons { height: auto; margin-top: 1; }
+    .setting { height: 3; }
+    .setting Label { width: 30; padding: 1 1 0 0; }
+    .setting Input, .setting Select { width: 1fr; }
+    .buttons { height: auto; margin-top: 1; }
     #conversations { height: auto; max-height: 20; }
     """
 

@@ -32,7 +32,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .decode import ContextLengthError, Step
+from .decode import ContextLengthError, Step, TextStream
+from .divergence import explain_divergence
 from .loading import LoadError
 from .sampling import Sampling
 from .stats import summarize
@@ -78,6 +79,9 @@ class DSparkOptions(BaseModel):
     block_size: int | None = Field(None, ge=0, le=1024, description="draft at most this many tokens a round")
     scheduler: Literal["off", "threshold", "auto"] | None = Field(None, description="how many drafts the target verifies")
     threshold: float | None = Field(None, ge=0, le=1, description="confidence threshold for the threshold scheduler")
+    compare_with: list[int] | None = Field(None, max_length=1 << 20, description=(
+        "greedy only: token ids of another answer to the same messages; the final usage says where this answer "
+        "parts from it and whether that is a near-tie within the dtype's precision"))
 
 
 class StreamOptions(BaseModel):
@@ -124,6 +128,7 @@ class Job:
     reason: str | None = None  # "disconnected" or "stop" (a stop string ended the answer)
     started: bool = False  # taken off the queue by the worker
     prompt_tokens: int = 0
+    divergence: dict | None = None  # set before the last round is emitted, when compare_with asks for it
 
     def emit(self, kind: str, value=None) -> None:
         try:
@@ -272,11 +277,22 @@ class Service:
             job.prompt_tokens = len(ids)
             o = job.options
             steps = engine.generate(ids, job.sampling, job.max_tokens, job.speculative, o.block_size, o.scheduler, o.threshold)
-            finish = None
+            finish, pieces, tokens = None, TextStream(engine.tokenizer), []
             try:
                 for step in steps:
                     self.metrics.step(step)
-                    job.emit("step", step)
+                    tokens += step.token_ids
+                    event = step.to_dict()
+                    # Per-token text lets a client colour each token by origin; a piece is "" while a
+                    # character's bytes are split over tokens, and the whole character lands on its last one.
+                    event["pieces"] = [pieces.push([t]) for t in step.token_ids]
+                    rejected = step.draft_ids[step.accepted : step.verified]
+                    event["rejected_text"] = engine.tokenizer.decode(rejected, skip_special_tokens=True) if rejected else ""
+                    if step.finish_reason and o.compare_with is not None and job.sampling.greedy:
+                        found = explain_divergence(engine.target, ids, tokens, o.compare_with)
+                        job.divergence = {"identical": found is None and len(tokens) == len(o.compare_with),
+                                          "divergence": found.to_dict() | {"verdict": found.describe()} if found else None}
+                    job.emit("step", event)
                     finish = step.finish_reason
                     if job.cancelled.is_set():
                         break
@@ -346,16 +362,15 @@ class Answer:
         self.text = ""
         self.finish: str | None = None
 
-    def add(self, step: Step) -> tuple[str, dict]:
-        event = step.to_dict()
+    def add(self, event: dict) -> tuple[str, dict]:
         text = event.pop("text")
         self.steps.append(event)
         delta, hit = self.stop.push(text)
         if hit:
             self.finish = "stop"
             self.job.cancel("stop")
-        elif step.finish_reason:
-            self.finish = step.finish_reason
+        elif event["finish_reason"]:
+            self.finish = event["finish_reason"]
             delta += self.stop.flush()
         self.text += delta
         return delta, event
@@ -363,6 +378,8 @@ class Answer:
     def usage(self) -> dict:
         stats = summarize(self.steps)
         prompt, completion = self.job.prompt_tokens, stats["tokens"]
+        if self.job.divergence is not None:
+            stats["comparison"] = self.job.divergence
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion, "dspark": stats}
 
 
@@ -523,7 +540,7 @@ def make_job(service: Service, body: ChatRequest) -> tuple[Job, list[str]]:
     return job, stops
 
 
-async def sse(service: Service, job: Job, answer: Answer, step: Step, reply: dict, include_usage: bool):
+async def sse(service: Service, job: Job, answer: Answer, step: dict, reply: dict, include_usage: bool):
     """Server-sent events: one chunk per round (text delta + the round's `dspark` event), the usage
     on the chunk that finishes, then [DONE]."""
 

@@ -143,6 +143,42 @@ def test_openai_client_stream_equals_non_stream_and_engine(server, engine):
     assert all(c.model_extra["dspark"]["token_ids"] for c in chunks)
 
 
+def test_events_carry_token_pieces_and_rejected_drafts(server, tokenizer):
+    """What the app needs to colour an answer by token origin: one text piece per committed token
+    (together the answer), and the text of the drafts the target rejected."""
+    with server.http.stream("POST", "/v1/chat/completions", json={
+        "model": server.name, "messages": [{"role": "user", "content": "Write a function"}], "max_tokens": 40,
+        "temperature": 0, "stream": True}) as response:
+        chunks = sse_events(response)
+    events = [c["dspark"] for c in chunks if c["choices"]]
+    text = "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"])
+    assert all(len(e["pieces"]) == len(e["token_ids"]) for e in events)
+    assert "".join(p for e in events for p in e["pieces"]) == text
+    rejected = [e for e in events if e["accepted"] < e["verified"]]
+    assert rejected  # the random drafter is often wrong
+    for e in rejected:
+        assert e["rejected_text"] == tokenizer.decode(e["draft_ids"][e["accepted"]:e["verified"]], skip_special_tokens=True)
+
+
+def test_compare_with_reports_identity_and_where_answers_part(server):
+    """The compare view's verdict comes from the engine: the speculative answer's ids sent with the
+    baseline request; identical for greedy, and a doctored answer is located and judged a real mismatch."""
+    body = {"model": server.name, "messages": [{"role": "user", "content": "Write a function"}], "max_tokens": 24, "temperature": 0}
+    spec = server.chat(body | {"stream": True}).text
+    ids = [t for line in spec.splitlines() if line.startswith("data: {") for t in json.loads(line[6:]).get("dspark", {}).get("token_ids", [])]
+    assert len(ids) == 24
+    same = server.chat(body | {"speculative": False, "dspark": {"compare_with": ids}}).json()["usage"]["dspark"]["comparison"]
+    assert same == {"identical": True, "divergence": None}
+    doctored = ids[:10] + [(ids[10] + 1) % 512] + ids[11:]
+    parted = server.chat(body | {"speculative": False, "dspark": {"compare_with": doctored}}).json()["usage"]["dspark"]["comparison"]
+    assert parted["identical"] is False
+    d = parted["divergence"]
+    assert d["position"] == 10 and d["token_a"] == ids[10] and d["token_b"] == doctored[10]
+    assert d["near_tie"] is False and "a real mismatch" in d["verdict"]
+    sampled = server.chat(body | {"temperature": 0.8, "dspark": {"compare_with": ids}}).json()["usage"]["dspark"]
+    assert "comparison" not in sampled  # only greedy answers have a verdict
+
+
 @pytest.mark.parametrize("which", ["server", "lookup_server"])
 def test_stream_events_add_up(which, request, tokenizer):
     server = request.getfixturevalue(which)
