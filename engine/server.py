@@ -596,8 +596,9 @@ def hub_repos(*specs: str | None) -> list[tuple[str, str]]:
     return repos
 
 
-def run(args) -> int:
-    """`dspark-chat serve`: bind, print {"event": "listening", ...} on stdout, then load and serve."""
+def run(args, name: str, placement: dict | None = None) -> int:
+    """`dspark-chat serve`: bind, print {"event": "listening", ...} on stdout, then load (`placement`:
+    the fit plan's load arguments for a catalog pair) and serve as model `name`."""
     try:
         family, _, proto, _, address = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
@@ -607,16 +608,6 @@ def run(args) -> int:
         print(f"dspark-chat: error: --host {args.host} makes the engine reachable from other machines; "
               "give it an --api-key (or set DSPARK_CHAT_API_KEY) or bind to 127.0.0.1", file=sys.stderr)
         return 2
-    name = args.target
-    if getattr(args, "model", None):
-        from .catalog import load_catalog
-        from .hardware import plan_pair
-
-        pair = load_catalog().pair(args.model)
-        plan_pair(pair)  # a pair this machine cannot hold is refused before anything is downloaded
-        name, (args.target, drafter, lookup) = pair.name, pair.specs()
-        if not (args.drafter or args.prompt_lookup):  # an explicit drafter flag wins over the pair's
-            args.drafter, args.prompt_lookup = drafter, lookup
     # proto must be IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets, and without it
     # Nagle's algorithm holds each response's body behind its headers for a delayed ACK (~40 ms).
     sock = socket.socket(family, socket.SOCK_STREAM, proto)
@@ -648,7 +639,8 @@ def run(args) -> int:
             service.set_state("loading")
 
         # Loaded with the scheduler off so that profiling, the slow part of start-up, shows in /health.
-        engine = Engine.load(args.target, args.drafter, args.prompt_lookup, args.dtype, args.device, "off", args.threshold, args.calibration)
+        engine = Engine.load(args.target, args.drafter, args.prompt_lookup, args.dtype, args.device, "off", args.threshold,
+                             args.calibration, placement=placement)
         engine.scheduler.mode = args.scheduler
         if args.scheduler == "auto" and getattr(engine.drafter, "confidence_head", None) is not None:
             service.set_state("profiling", "measuring the target's verify speed for the auto scheduler")

@@ -453,5 +453,16 @@ license = "MIT"
     assert "drafter block 7" in out["engine"] and len(out["token_ids"]) == 12
     assert sum(len(s["draft_ids"]) for s in out["steps"]) > 0  # the drafter took part
     assert hub.requests(r"^/cdn/") and (cache_folder(tmp_path, "acme/tiny-dspark") / "refs" / "main").is_file()
+    # The plan's overrides apply to --model: here one device, weights unquantised, offline from the cache.
+    placed = run(tmp_path, "generate", "--model", "tiny-dspark", "hello", "--json", "--max-new-tokens", "12",
+                 "--dtype", "float32", "--device-map", "cpu", "--quant", "none", offline=True)
+    assert placed.returncode == 0, placed.stderr
+    assert json.loads(placed.stdout)["token_ids"] == out["token_ids"]
     clash = run(tmp_path, "generate", "--model", "tiny-dspark", "--target", "smollm2", "hi")
     assert clash.returncode == 2 and "not allowed with argument" in clash.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_plan_overrides_need_a_catalog_pair(command, tmp_path):
+    result = run(tmp_path, command, "--quant", "8bit", *(["hi"] if command == "generate" else []))
+    assert result.returncode == 2 and "use them with --model" in result.stderr
