@@ -16,12 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="answer one prompt and print decoding statistics")
     gen.add_argument("prompt", help="the user message (or the raw text with --raw)")
-    model_source = gen.add_mutually_exclusive_group()
-    model_source.add_argument("--target", default="smollm2", help="model folder, Hub id, .gguf file, or smollm2 (embedded, the default)")
-    model_source.add_argument("--model", help="a pair from the catalog: target and drafter (`dspark-chat models` lists them)")
-    source = gen.add_mutually_exclusive_group()
-    source.add_argument("--drafter", help="DSpark/DFlash drafter folder or Hub id (DeepSpec layout)")
-    source.add_argument("--prompt-lookup", action="store_true", help="draft by copying from the context (no model)")
+    _add_model_flags(gen)
     gen.add_argument("--no-spec", action="store_true", help="plain decoding: the baseline")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -29,35 +24,59 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--max-draft", type=int, help="draft at most this many tokens a round")
-    gen.add_argument("--scheduler", choices=MODES, default="auto", help="how many drafts to verify (default auto)")
-    gen.add_argument("--threshold", type=float, default=0.5, help="confidence threshold for --scheduler threshold")
-    gen.add_argument("--calibration", help="per-position temperature file (default: calibration.json beside the drafter)")
-    gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    gen.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
     gen.add_argument("--system", help="a system message")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, every round's event, statistics")
     srv = commands.add_parser("serve", help="OpenAI-compatible HTTP server streaming speculative-decoding statistics")
-    srv_model = srv.add_mutually_exclusive_group()
-    srv_model.add_argument("--target", default="smollm2", help="model folder, Hub id, .gguf file, or smollm2 (embedded, the default)")
-    srv_model.add_argument("--model", help="a pair from the catalog: target and drafter (`dspark-chat models` lists them)")
-    srv_source = srv.add_mutually_exclusive_group()
-    srv_source.add_argument("--drafter", help="DSpark/DFlash drafter folder or Hub id (DeepSpec layout)")
-    srv_source.add_argument("--prompt-lookup", action="store_true", help="draft by copying from the context (no model)")
+    _add_model_flags(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; any other needs --api-key)")
     srv.add_argument("--port", type=int, default=8000, help="0 picks a free port (the listening line on stdout says which)")
     srv.add_argument("--api-key", default=os.environ.get("DSPARK_CHAT_API_KEY"), help="require Authorization: Bearer KEY on /v1 (default $DSPARK_CHAT_API_KEY)")
     srv.add_argument("--max-model-len", type=int, help="context length to allow (default: the model's)")
     srv.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask for (default: the context length)")
-    srv.add_argument("--scheduler", choices=MODES, default="auto", help="default for requests (default auto)")
-    srv.add_argument("--threshold", type=float, default=0.5, help="confidence threshold for --scheduler threshold")
-    srv.add_argument("--calibration", help="per-position temperature file (default: calibration.json beside the drafter)")
-    srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    srv.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
     _add_catalog_commands(commands)
     _add_bench_command(commands)
     _add_train_command(commands)
     return parser
+
+
+def _add_model_flags(sub) -> None:
+    """What generate and serve load, where, and how they schedule verification."""
+    model = sub.add_mutually_exclusive_group()
+    model.add_argument("--target", default="smollm2", help="model folder, Hub id, .gguf file, or smollm2 (embedded, the default)")
+    model.add_argument("--model", help="a pair from the catalog: target and drafter, placed as `dspark-chat models NAME` plans")
+    source = sub.add_mutually_exclusive_group()
+    source.add_argument("--drafter", help="DSpark/DFlash drafter folder or Hub id (DeepSpec layout)")
+    source.add_argument("--prompt-lookup", action="store_true", help="draft by copying from the context (no model)")
+    sub.add_argument("--scheduler", choices=MODES, default="auto", help="how many drafts to verify (default auto)")
+    sub.add_argument("--threshold", type=float, default=0.5, help="confidence threshold for --scheduler threshold")
+    sub.add_argument("--calibration", help="per-position temperature file (default: calibration.json beside the drafter)")
+    sub.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    sub.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    sub.add_argument("--quant", choices=["none", "8bit", "4bit"], help="with --model: bitsandbytes quantisation (default: planned)")
+    sub.add_argument("--max-memory", help="with --model: usable memory per device, e.g. 0=20GiB,1=22GiB,cpu=48GiB")
+    sub.add_argument("--device-map", help="with --model: cpu, mps, cuda:N (one device) or auto (split over the GPUs)")
+
+
+def resolve_model(args) -> dict | None:
+    """For --model, take the pair's target and drafter (an explicit drafter flag wins) and return the
+    placement its fit plan gives; a pair this machine cannot hold is refused before any download."""
+    from .hardware import PlanError
+
+    if not args.model:
+        if args.quant or args.max_memory or args.device_map:
+            raise PlanError("--quant, --max-memory and --device-map override the fit plan of a catalog pair: use them with --model")
+        return None
+    from .catalog import load_catalog
+    from .hardware import parse_max_memory, plan_pair
+
+    pair = load_catalog().pair(args.model)
+    max_memory = parse_max_memory(args.max_memory) if args.max_memory else None
+    plan = plan_pair(pair, None, None, None if args.dtype == "auto" else args.dtype, args.quant, max_memory, args.device_map)
+    args.target, drafter, lookup = pair.specs()
+    if not (args.drafter or args.prompt_lookup):
+        args.drafter, args.prompt_lookup = drafter, lookup
+    return plan.load_kwargs
 
 
 def _add_train_command(commands) -> None:
@@ -108,18 +127,7 @@ def _add_bench_command(commands) -> None:
 
 
 def generate(args) -> int:
-    placement = None
-    if args.model:
-        from .catalog import load_catalog
-        from .hardware import plan_pair
-
-        pair = load_catalog().pair(args.model)
-        # A pair this machine cannot hold is refused before anything is downloaded; one that fits is
-        # placed as planned (one GPU, split over GPUs, 8/4-bit or the CPU).
-        placement = plan_pair(pair, dtype=None if args.dtype == "auto" else args.dtype).load_kwargs
-        args.target, drafter, lookup = pair.specs()
-        if not (args.drafter or args.prompt_lookup):  # an explicit drafter flag wins over the pair's
-            args.drafter, args.prompt_lookup = drafter, lookup
+    placement = resolve_model(args)
     from .engine import Engine
     from .sampling import Sampling
     from .stats import format_summary, summarize
@@ -154,7 +162,8 @@ def generate(args) -> int:
 def serve(args) -> int:
     from .server import run
 
-    return run(args)
+    name = args.model or args.target
+    return run(args, name, resolve_model(args))
 
 
 def _add_catalog_commands(commands) -> None:
