@@ -212,7 +212,10 @@ class TurnStats:
         acceptance_rate, acceptance_by_position, draft_ms, verify_ms; `source` says which."""
         if self.events:
             comparison = ((self.usage or {}).get("dspark") or {}).get("comparison")
-            return summarize(self.events) | {"source": "dspark"} | ({"comparison": comparison} if comparison else {})
+            out = summarize(self.events) | {"source": "dspark"} | ({"comparison": comparison} if comparison else {})
+            if self.last and self.last > self.first:  # what arrived here: the engine's rate plus transport and UI
+                out["received_tokens_per_s"] = (out["tokens"] - len(self.events[0]["token_ids"])) / (self.last - self.first)
+            return out
         usage = self.usage or {}
         tokens = usage.get("completion_tokens") or self.chunks
         out = {"tokens": tokens, "source": "timing",
