@@ -4,6 +4,7 @@ that drift in machine speed touches every mode alike."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -17,21 +18,33 @@ from .decode import Drafter
 from .divergence import explain_divergence
 from .dspark import DSparkDrafter
 from .engine import Engine
+from .loading import EMBEDDED, cache_dir, embedded_gguf, load_target
 from .prompt_lookup import PromptLookupDrafter
 from .sampling import Sampling
+from .scheduler import sps_profile
 from .stats import summarize
+from .target import Target
 
 BASELINE = "baseline"
+MODE_NAMES = "baseline, drafter[:off|threshold|auto], prompt-lookup, hf, hf-prompt-lookup, hf-assisted, llama.cpp"
+# llama.cpp allocates its KV cache for the whole context up front; SmolLM2's 8192 tokens take about 190 MB.
+LLAMA_MAX_CONTEXT = 8192
+LLAMA_NOT_EXACT = ("excluded: llama.cpp computes with the GGUF's quantised weights and its own kernels (our target with "
+                   "them dequantised to floats), so its tokens may differ without a bug")
 
 
 @dataclass
 class Mode:
-    """One way of decoding. Engine modes run our loop; `hf*` modes run transformers' generate()."""
+    """One way of decoding. Engine modes run our loop; `hf*` modes run transformers' generate();
+    `llama.cpp` runs the target's GGUF file in llama-cpp-python."""
 
     name: str
     drafter: Drafter | None = None
     scheduler: str | None = None
     hf_options: dict | None = None  # set for transformers modes
+    llama: object | None = None  # a llama_cpp.Llama, for the llama.cpp mode
+    # Why its greedy output need not equal the baseline's token for token (None: it must).
+    not_exact: str | None = None
 
 
 @dataclass
@@ -47,7 +60,8 @@ class Result:
 
 def read_prompts(path: Path, limit: int | None) -> list[list[str]]:
     rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    # Split on "\n" only: str.splitlines() also splits on U+2028 and friends, which JSON strings may hold raw.
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -60,7 +74,7 @@ def read_prompts(path: Path, limit: int | None) -> list[list[str]]:
     return rows[:limit] if limit else rows
 
 
-def build_modes(engine: Engine, names: list[str], prompt_lookup_tokens: int) -> list[Mode]:
+def build_modes(engine: Engine, names: list[str], prompt_lookup_tokens: int, assistant: Target | None = None) -> list[Mode]:
     modes = []
     for name in names:
         if name == BASELINE:
@@ -76,9 +90,34 @@ def build_modes(engine: Engine, names: list[str], prompt_lookup_tokens: int) -> 
             modes.append(Mode(name, hf_options={}))
         elif name == "hf-prompt-lookup":
             modes.append(Mode(name, hf_options={"prompt_lookup_num_tokens": prompt_lookup_tokens}))
+        elif name == "hf-assisted":
+            if assistant is None:
+                raise ValueError("mode hf-assisted needs --assistant MODEL: a small draft model with the target's tokenizer")
+            if assistant.tokenizer.get_vocab() != engine.tokenizer.get_vocab():
+                raise ValueError(f"assistant {assistant.name} has another vocabulary than target {engine.target.name}: not a pair")
+            modes.append(Mode(name, hf_options={"assistant_model": assistant.model}))
+        elif name == "llama.cpp":
+            modes.append(Mode(name, llama=load_llama(engine.target), not_exact=LLAMA_NOT_EXACT))
         else:
-            raise ValueError(f"unknown mode {name!r}")
+            raise ValueError(f"unknown mode {name!r} (known: {MODE_NAMES})")
     return modes
+
+
+def load_llama(target: Target):
+    """The target's own GGUF file in llama-cpp-python, on as many threads as torch uses."""
+    if target.name == EMBEDDED:
+        gguf = embedded_gguf()
+    elif target.name.endswith(".gguf"):
+        gguf = Path(target.name)
+    else:
+        raise ValueError(f"mode llama.cpp needs a GGUF target (a .gguf file or smollm2); {target.name} is not one")
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise ValueError("mode llama.cpp needs llama-cpp-python: pip install llama-cpp-python "
+                         "(it builds llama.cpp from source, a few minutes)") from e
+    return llama_cpp.Llama(model_path=str(gguf), n_ctx=min(target.max_length, LLAMA_MAX_CONTEXT),
+                           n_threads=torch.get_num_threads(), verbose=False)
 
 
 class _FirstToken:
@@ -96,6 +135,14 @@ class _FirstToken:
         pass
 
 
+def run_mode(engine: Engine, mode: Mode, ids: list[int], sampling: Sampling, max_new_tokens: int) -> tuple[list[int], dict]:
+    if mode.llama is not None:
+        return run_llama(engine, mode, ids, sampling, max_new_tokens)
+    if mode.hf_options is not None:
+        return run_hf(engine, mode, ids, sampling, max_new_tokens)
+    return run_engine(engine, mode, ids, sampling, max_new_tokens)
+
+
 def run_engine(engine: Engine, mode: Mode, ids: list[int], sampling: Sampling, max_new_tokens: int) -> tuple[list[int], dict]:
     drafter = engine.drafter
     engine.drafter = mode.drafter
@@ -108,7 +155,24 @@ def run_engine(engine: Engine, mode: Mode, ids: list[int], sampling: Sampling, m
         steps = [s.to_dict() for s in engine.generate(ids, sampling, max_new_tokens, mode.drafter is not None, scheduler=mode.scheduler)]
     finally:
         engine.drafter = drafter
-    return [t for s in steps for t in s["token_ids"]], summarize(steps)
+    return [t for s in steps for t in s["token_ids"]], summarize(steps) | position_counts(steps)
+
+
+def position_counts(steps: list[dict]) -> dict:
+    """Per draft position k: rounds that verified k with 1..k-1 accepted, and rounds that accepted k.
+    stats.py gives their ratio per run; counts add up over runs."""
+    rounds = [s for s in steps if not s.get("prefill")]
+    depth = max((s["verified"] for s in rounds), default=0)
+    return {"position_reached": [sum(1 for s in rounds if s["verified"] >= k and s["accepted"] >= k - 1) for k in range(1, depth + 1)],
+            "position_accepted": [sum(1 for s in rounds if s["accepted"] >= k) for k in range(1, depth + 1)]}
+
+
+def _timing(tokens: list[int], start: float, first: float | None, end: float) -> dict:
+    """Time to first token and decode tok/s (tokens after the first over the time since the first),
+    as stats.py measures our loop."""
+    first = (first or end) - start
+    rate = (len(tokens) - 1) / (end - start - first) if len(tokens) > 1 and end - start > first else 0.0
+    return {"tokens": len(tokens), "decode_tokens_per_s": rate, "time_to_first_token_ms": first * 1000}
 
 
 @torch.inference_mode()
@@ -127,9 +191,32 @@ def run_hf(engine: Engine, mode: Mode, ids: list[int], sampling: Sampling, max_n
     )
     end = time.perf_counter()
     tokens = out[0, len(ids):].tolist()
-    first = (streamer.first or end) - start
-    rate = (len(tokens) - 1) / (end - start - first) if len(tokens) > 1 and end - start > first else 0.0
-    return tokens, {"tokens": len(tokens), "decode_tokens_per_s": rate, "time_to_first_token_ms": first * 1000}
+    return tokens, _timing(tokens, start, streamer.first, end)
+
+
+def run_llama(engine: Engine, mode: Mode, ids: list[int], sampling: Sampling, max_new_tokens: int) -> tuple[list[int], dict]:
+    """Our prompt ids fed to llama.cpp as they are (the GGUF's vocabulary is our tokenizer's), streamed
+    token by token and stopped where our loop stops: a stop id (kept, as our loop keeps it) or the budget."""
+    llm = mode.llama
+    if len(ids) + max_new_tokens > llm.n_ctx():
+        raise ValueError(f"llama.cpp: {len(ids)} prompt tokens + {max_new_tokens} new do not fit its {llm.n_ctx()}-token context")
+    llm.reset()  # forget the last run's cache: every run prefills its whole prompt
+    if sampling.greedy:
+        options = {"temp": 0.0, "top_k": 1}
+    else:
+        options = {"temp": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k}
+        if sampling.seed is not None:
+            llm.set_seed(sampling.seed)
+    tokens, first = [], None
+    start = time.perf_counter()
+    # min_p and repeat_penalty off: llama.cpp's defaults would change the distribution the others sample.
+    for token in llm.generate(ids, min_p=0.0, repeat_penalty=1.0, **options):
+        first = first or time.perf_counter()
+        tokens.append(int(token))
+        if token in engine.target.stop_ids or len(tokens) >= max_new_tokens:
+            break
+    end = time.perf_counter()
+    return tokens, _timing(tokens, start, first, end)
 
 
 def machine() -> dict:
@@ -145,14 +232,62 @@ def machine() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def describe_machine(m: dict) -> str:
+    return f"{m['cpu']}, {m['cores']} threads, {', '.join(m['gpus']) or 'no GPU'}"
+
+
+class Progress:
+    """Prompt i/N, the mode running, time elapsed and an ETA on stderr. On a terminal one line is
+    redrawn in place; in a log or a pipe each prompt gets one plain line (no carriage returns)."""
+
+    def __init__(self, prompts: int, runs: int, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.prompts, self.runs = prompts, runs
+        self.started, self.prompt, self.start = 0, None, None
+
+    def __call__(self, prompt: int, mode: str) -> None:
+        """Called as each run starts; prompt counts from 0."""
+        if self.start is None:  # from the first run on: the warm-up would distort the ETA
+            self.start = time.perf_counter()
+        if self.tty:
+            filled = 20 * self.started // self.runs
+            bar = "#" * filled + "-" * (20 - filled)
+            self.stream.write(f"\r[{bar}] prompt {prompt + 1}/{self.prompts}  {mode:<18} {self._times()}\033[K")
+        elif prompt != self.prompt:
+            self.stream.write(f"prompt {prompt + 1}/{self.prompts}  {self._times()}\n")
+        self.stream.flush()
+        self.prompt = prompt
+        self.started += 1
+
+    def finish(self) -> None:
+        if self.start is None:
+            return
+        line = f"done: {self.runs} runs in {_clock(time.perf_counter() - self.start)}"
+        self.stream.write(f"\r{line}\033[K\n" if self.tty else f"{line}\n")
+        self.stream.flush()
+
+    def _times(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        eta = _clock(elapsed / self.started * (self.runs - self.started)) if self.started else "?"
+        return f"elapsed {_clock(elapsed)}  ETA {eta}"
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
+
+
 def bench(engine: Engine, prompts: list[list[str]], modes: list[Mode], sampling: Sampling, max_new_tokens: int,
           warmup: bool = True, progress=None) -> dict:
+    """progress(prompt, mode name) is called as each run starts."""
     if warmup:
         ids = engine.chat_ids([{"role": "user", "content": "Say hello."}])
         for mode in modes:
-            (run_hf if mode.hf_options is not None else run_engine)(engine, mode, ids, sampling, 8)
+            run_mode(engine, mode, ids, sampling, 8)
     results: list[Result] = []
     divergences = []
+    checked = [m.name for m in modes if _identity_note(m, modes, sampling) is None]
     for p, turns in enumerate(prompts):
         # Rotate the order per prompt so no mode always runs first (warm caches, turbo clocks).
         order = modes[p % len(modes):] + modes[: p % len(modes)]
@@ -160,27 +295,39 @@ def bench(engine: Engine, prompts: list[list[str]], modes: list[Mode], sampling:
         for t, turn in enumerate(turns):
             outputs = {}
             for mode in order:
+                if progress:
+                    progress(p, mode.name)
                 messages = histories[mode.name] + [{"role": "user", "content": turn}]
                 ids = engine.chat_ids(messages)
-                run = run_hf if mode.hf_options is not None else run_engine
-                tokens, stats = run(engine, mode, ids, sampling, max_new_tokens)
+                tokens, stats = run_mode(engine, mode, ids, sampling, max_new_tokens)
                 outputs[mode.name] = (ids, tokens)
                 histories[mode.name] = messages + [{"role": "assistant", "content": engine.tokenizer.decode(tokens, skip_special_tokens=True)}]
                 results.append(Result(mode.name, p, t, tokens, stats["decode_tokens_per_s"], stats["time_to_first_token_ms"], stats))
-            if sampling.greedy and BASELINE in outputs:
+            if checked:
                 ids, reference = outputs[BASELINE]
-                for name, (other_ids, tokens) in outputs.items():
+                for name in checked:
+                    other_ids, tokens = outputs[name]
                     # Later turns carry each mode's own earlier answers, so compare only like with like.
-                    if name != BASELINE and other_ids == ids:
+                    if other_ids == ids:
                         d = explain_divergence(engine.target, ids, reference, tokens)
                         if d is not None:
                             divergences.append({"mode": name, "prompt": p, "turn": t, **d.to_dict()})
-            if progress:
-                progress(p, t)
-    return report(results, modes, divergences, sampling, max_new_tokens)
+    return report(results, modes, divergences, sampling, max_new_tokens, engine.target.name)
 
 
-def report(results: list[Result], modes: list[Mode], divergences: list[dict], sampling: Sampling, max_new_tokens: int) -> dict:
+def _identity_note(mode: Mode, modes: list[Mode], sampling: Sampling) -> str | None:
+    """Why this mode's outputs are not compared with the baseline's token for token; None if they are."""
+    if mode.name == BASELINE:
+        return "the reference"
+    if not sampling.greedy:
+        return "not checked: sampled outputs differ by chance"
+    if not any(m.name == BASELINE for m in modes):
+        return "not checked: no baseline mode to compare with"
+    return mode.not_exact
+
+
+def report(results: list[Result], modes: list[Mode], divergences: list[dict], sampling: Sampling, max_new_tokens: int,
+           target: str) -> dict:
     rows = {}
     for mode in modes:
         mine = [r for r in results if r.mode == mode.name]
@@ -188,70 +335,171 @@ def report(results: list[Result], modes: list[Mode], divergences: list[dict], sa
         stats = [r.stats for r in mine]
         rounds = sum(s.get("rounds", 0) for s in stats)
         verified = sum(s.get("verified", 0) for s in stats)
+        note = _identity_note(mode, modes, sampling)
         rows[mode.name] = {
             "decode_tokens_per_s_median": statistics.median(rates),
             "decode_tokens_per_s_min": min(rates),
             "decode_tokens_per_s_max": max(rates),
             "time_to_first_token_ms_median": statistics.median(r.time_to_first_token_ms for r in mine),
             "tokens": sum(len(r.token_ids) for r in mine),
+            # Only our loop reports its rounds: transformers and llama.cpp modes get None here.
             "tau": sum(s.get("tau", 0) * s.get("rounds", 0) for s in stats) / rounds if rounds else None,
             "acceptance_rate": sum(s.get("accepted", 0) for s in stats) / verified if verified else None,
-            "near_ties": sum(1 for d in divergences if d["mode"] == mode.name and d["near_tie"]),
-            "mismatches": sum(1 for d in divergences if d["mode"] == mode.name and not d["near_tie"]),
+            "acceptance_by_position": _acceptance_by_position(stats),
+            "identity_checked": note is None,
+            "identity_note": note,
+            "near_ties": sum(1 for d in divergences if d["mode"] == mode.name and d["near_tie"]) if note is None else None,
+            "mismatches": sum(1 for d in divergences if d["mode"] == mode.name and not d["near_tie"]) if note is None else None,
         }
     for name, row in rows.items():
         for reference in (BASELINE, "hf"):
-            if reference in rows:
-                row[f"speedup_vs_{reference}"] = _ratio(results, name, reference)
-    return {"machine": machine(), "sampling": asdict(sampling), "max_new_tokens": max_new_tokens,
-            "modes": rows, "divergences": divergences,
+            ratios = _ratios(results, name, reference)
+            row[f"speedup_vs_{reference}"] = statistics.median(ratios) if ratios else None
+            row[f"speedup_vs_{reference}_range"] = [min(ratios), max(ratios)] if ratios else None
+    checked = any(row["identity_checked"] for row in rows.values())
+    return {"machine": machine(), "target": target, "sampling": asdict(sampling), "max_new_tokens": max_new_tokens,
+            "modes": rows, "outputs_identical": not divergences if checked else None, "divergences": divergences,
             "runs": [asdict(r) for r in results]}
 
 
-def _ratio(results: list[Result], name: str, reference: str) -> float:
-    """Median over (prompt, turn) of this mode's decode tok/s over the reference mode's in the same
-    slot: a paired ratio, so a prompt that is fast for everyone does not weigh more."""
+def _acceptance_by_position(stats: list[dict]) -> list[float | None] | None:
+    """Conditional acceptance at draft position k over all runs (None for modes that report no rounds)."""
+    if not stats or any("position_reached" not in s for s in stats):
+        return None
+    depth = max(len(s["position_reached"]) for s in stats)
+    curve = []
+    for k in range(depth):
+        reached = sum(s["position_reached"][k] for s in stats if k < len(s["position_reached"]))
+        accepted = sum(s["position_accepted"][k] for s in stats if k < len(s["position_accepted"]))
+        curve.append(accepted / reached if reached else None)
+    return curve
+
+
+def _ratios(results: list[Result], name: str, reference: str) -> list[float]:
+    """Per (prompt, turn): this mode's decode tok/s over the reference mode's in the same slot. Paired
+    ratios, so a prompt that is fast for everyone does not weigh more."""
     ref = {(r.prompt, r.turn): r.decode_tokens_per_s for r in results if r.mode == reference}
-    ratios = [r.decode_tokens_per_s / ref[(r.prompt, r.turn)] for r in results
-              if r.mode == name and ref.get((r.prompt, r.turn))]
-    return statistics.median(ratios) if ratios else float("nan")
+    return [r.decode_tokens_per_s / ref[(r.prompt, r.turn)] for r in results if r.mode == name and ref.get((r.prompt, r.turn))]
 
 
 def format_table(report: dict) -> str:
     head = f"{'mode':<22}{'tok/s':>8}{'(min-max)':>16}{'TTFT ms':>9}{'tau':>6}{'accept':>8}{'vs base':>9}{'vs hf':>7}{'ties':>6}{'bugs':>6}"
     lines = [head, "-" * len(head)]
+
+    def num(value, fmt):
+        return format(value, fmt) if isinstance(value, (int, float)) and value == value else "-"
+
     for name, row in report["modes"].items():
-        def num(value, fmt):
-            return format(value, fmt) if isinstance(value, (int, float)) and value == value else "-"
         spread = f"({row['decode_tokens_per_s_min']:.1f}-{row['decode_tokens_per_s_max']:.1f})"
         lines.append(
             f"{name:<22}{row['decode_tokens_per_s_median']:>8.1f}{spread:>16}{row['time_to_first_token_ms_median']:>9.0f}"
-            f"{num(row['tau'], '.2f'):>6}{num(row['acceptance_rate'], '.0%'):>8}{num(row.get('speedup_vs_baseline'), '.2f'):>9}"
-            f"{num(row.get('speedup_vs_hf'), '.2f'):>7}{row['near_ties']:>6}{row['mismatches']:>6}"
+            f"{num(row['tau'], '.2f'):>6}{num(row['acceptance_rate'], '.0%'):>8}{num(row['speedup_vs_baseline'], '.2f'):>9}"
+            f"{num(row['speedup_vs_hf'], '.2f'):>7}{num(row['near_ties'], 'd'):>6}{num(row['mismatches'], 'd'):>6}"
         )
+    for name, row in report["modes"].items():
+        if name != BASELINE and not row["identity_checked"]:
+            lines.append(f"{name}: ties/bugs {row['identity_note']}")
     m = report["machine"]
-    lines.append(f"machine: {m['cpu']}, {m['cores']} threads, {', '.join(m['gpus']) or 'no GPU'}, torch {m['torch']}, transformers {m['transformers']}")
+    lines.append(f"machine: {describe_machine(m)}, torch {m['torch']}, transformers {m['transformers']}")
     return "\n".join(lines)
 
 
+def plot(report: dict, path: Path) -> None:
+    """Left: decode speedup per mode over the baseline (median of paired ratios, min-max as the error
+    bar). Right: conditional acceptance per draft position for the modes that draft, as in Figure 2 of
+    the DSpark paper. Written to a temporary file and renamed, so a reader never sees half a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    speed, accept = fig.subplots(1, 2)
+    rows = {name: row for name, row in report["modes"].items() if name != BASELINE and row["speedup_vs_baseline"] is not None}
+    if rows:
+        medians = [row["speedup_vs_baseline"] for row in rows.values()]
+        below = [m - row["speedup_vs_baseline_range"][0] for m, row in zip(medians, rows.values())]
+        above = [row["speedup_vs_baseline_range"][1] - m for m, row in zip(medians, rows.values())]
+        speed.bar(range(len(rows)), medians, yerr=[below, above], capsize=4, color="tab:blue")
+        speed.set_xticks(range(len(rows)), list(rows), rotation=30, ha="right")
+        speed.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    else:
+        speed.text(0.5, 0.5, "no baseline run to compare with", ha="center", va="center", transform=speed.transAxes)
+    speed.set_title("decode speedup vs baseline (bar: median, line: min-max)")
+    speed.set_ylabel("x baseline tok/s")
+    curves = {name: row["acceptance_by_position"] for name, row in report["modes"].items() if row["acceptance_by_position"]}
+    for name, curve in curves.items():
+        points = [(k, a) for k, a in enumerate(curve, 1) if a is not None]
+        accept.plot([k for k, _ in points], [a for _, a in points], marker="o", label=name)
+    if curves:
+        accept.legend()
+    else:
+        accept.text(0.5, 0.5, "no mode drafted", ha="center", va="center", transform=accept.transAxes)
+    accept.set_ylim(0, 1.05)
+    accept.xaxis.set_major_locator(MaxNLocator(integer=True))
+    accept.set_title("acceptance at draft position k, given 1..k-1 accepted")
+    accept.set_xlabel("draft position k")
+    accept.set_ylabel("conditional acceptance")
+    fig.suptitle(f"{report['target']} on {describe_machine(report['machine'])}")
+    _write_atomically(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def format_profile(target: Target, sps: list[float]) -> str:
+    """The SPS(B) table: verify passes per second for B tokens, the tokens per second that would give
+    if every draft were accepted, and what a B-token pass costs next to a one-token pass."""
+    lines = [f"SPS profile of {target.name} ({target.dtype}, {target.device}), as the auto scheduler reads it",
+             f"{'B':>3}{'verify passes/s':>17}{'tok/s if all accepted':>23}{'cost vs B=1':>13}"]
+    for b, rate in enumerate(sps, 1):
+        lines.append(f"{b:>3}{rate:>17.1f}{b * rate:>23.1f}{sps[0] / rate:>12.2f}x")
+    lines.append(
+        f"A pass over {len(sps)} tokens costs {sps[0] / sps[-1]:.2f}x a one-token pass, so verifying l drafts pays only while the "
+        f"expected tokens 1 + a_1 + ... + a_l grow faster than that cost: the flatter the last column, the more drafts "
+        f"the auto scheduler verifies per round."
+    )
+    return "\n".join(lines)
+
+
+def profile(args) -> int:
+    target = load_target(args.target, args.dtype, args.device)
+    # Through the same cache the auto scheduler uses: this is the profile it decides with.
+    print(format_profile(target, sps_profile(target, args.block + 1, cache_dir())))
+    return 0
+
+
 def main(args) -> int:
-    engine = Engine.load(args.target, args.drafter, False, args.dtype, args.device, "auto" if args.drafter else "off")
-    names = args.modes or ([BASELINE, "prompt-lookup", "hf", "hf-prompt-lookup"] + (["drafter"] if args.drafter else []))
-    modes = build_modes(engine, names, args.prompt_lookup_tokens)
+    if args.profile:
+        return profile(args)
+    if not args.prompts:
+        raise ValueError("bench needs --prompts FILE (or --profile)")
+    if args.plot:
+        try:  # now, rather than after the whole benchmark has run
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise ValueError("--plot needs matplotlib: pip install 'dspark-chat[bench]'") from e
     prompts = read_prompts(Path(args.prompts), args.limit)
+    if not prompts:
+        raise ValueError(f"{args.prompts}: no prompts")
+    engine = Engine.load(args.target, args.drafter, False, args.dtype, args.device, "auto" if args.drafter else "off")
+    assistant = load_target(args.assistant, args.dtype, args.device) if args.assistant else None
+    names = args.modes or ([BASELINE, "prompt-lookup", "hf", "hf-prompt-lookup"] + (["drafter"] if args.drafter else [])
+                           + (["hf-assisted"] if args.assistant else []))
+    modes = build_modes(engine, names, args.prompt_lookup_tokens, assistant)
     sampling = Sampling(args.temperature, seed=args.seed)
-    total = sum(len(t) for t in prompts)
-    done = [0]
-
-    def progress(p, t):
-        done[0] += 1
-        print(f"\r{done[0]}/{total} prompt turns", end="", file=sys.stderr, flush=True)
-
+    progress = Progress(len(prompts), sum(len(t) for t in prompts) * len(modes))
     result = bench(engine, prompts, modes, sampling, args.max_new_tokens, progress=progress)
-    print(file=sys.stderr)
+    progress.finish()
     result["command"] = " ".join(sys.argv)
     result["engine"] = engine.describe()
+    result["assistant"] = args.assistant
     print(format_table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        _write_atomically(Path(args.json), lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    if args.plot:
+        plot(result, Path(args.plot))
     return 0

@@ -114,16 +114,22 @@ def _add_bench_command(commands) -> None:
     bench = commands.add_parser("bench", help="decoding modes side by side on a prompt file: tok/s, tau, identity")
     bench.add_argument("--target", default="smollm2", help="model folder, Hub id, .gguf file, or smollm2 (the default)")
     bench.add_argument("--drafter", help="DSpark/DFlash drafter (adds the `drafter` mode)")
-    bench.add_argument("--prompts", required=True, help="JSON lines with a 'turns' list (multi-turn runs as a conversation)")
+    bench.add_argument("--assistant", help="a small draft model for transformers' assisted generation (adds the `hf-assisted` mode): "
+                       "folder, Hub id, .gguf file or smollm2, with the target's tokenizer")
+    bench.add_argument("--prompts", help="JSON lines with a 'turns' list (multi-turn runs as a conversation); needed unless --profile")
     bench.add_argument("--limit", type=int, help="only the first N prompts")
     bench.add_argument("--max-new-tokens", type=int, default=256)
     bench.add_argument("--temperature", type=float, default=0.0)
     bench.add_argument("--seed", type=int)
-    bench.add_argument("--modes", nargs="+", help="baseline, drafter[:off|threshold|auto], prompt-lookup, hf, hf-prompt-lookup")
+    bench.add_argument("--modes", nargs="+", help="baseline, drafter[:off|threshold|auto], prompt-lookup, hf, hf-prompt-lookup, hf-assisted (needs --assistant), "
+                       "llama.cpp (a GGUF target; pip install llama-cpp-python)")
     bench.add_argument("--prompt-lookup-tokens", type=int, default=10, help="tokens prompt lookup drafts a round")
     bench.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     bench.add_argument("--device")
     bench.add_argument("--json", help="write the full report (machine, per-mode summary, every run) here")
+    bench.add_argument("--plot", help="write a PNG here: speedup per mode and acceptance per draft position (needs matplotlib)")
+    bench.add_argument("--profile", action="store_true", help="print the target's SPS(B) profile the auto scheduler uses, and stop")
+    bench.add_argument("--block", type=int, default=7, help="with --profile: drafter block size; B runs 1..block+1 (default 7)")
 
 
 def generate(args) -> int:

@@ -1,23 +1,34 @@
-"""`dspark-chat bench` on a tiny model: every mode runs, the report holds every field, and the
-greedy identity check catches a wrong output."""
+"""`dspark-chat bench` on a tiny model: every mode runs, the report holds every field, the greedy
+identity check catches a wrong output, and the plot, the SPS profile and the progress lines work."""
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 import dspark_chat.engine.bench as bench_module
-from dspark_chat.engine.bench import bench, build_modes, format_table, read_prompts
+from dspark_chat.engine import cli
+from dspark_chat.engine.bench import Progress, bench, build_modes, format_table, load_llama, read_prompts
 from dspark_chat.engine.engine import Engine
-from dspark_chat.engine.loading import load_drafter
+from dspark_chat.engine.loading import cache_dir, load_drafter, load_target
 from dspark_chat.engine.sampling import Sampling
+from dspark_chat.engine.scheduler import sps_profile
 
-from .conftest import REFERENCE
+from .conftest import REFERENCE, make_tiny_pair
 
-MODES = ["baseline", "drafter", "drafter:threshold", "prompt-lookup", "hf", "hf-prompt-lookup"]
+MODES = ["baseline", "drafter", "drafter:threshold", "prompt-lookup", "hf", "hf-prompt-lookup", "hf-assisted"]
+ROW_FIELDS = {
+    "decode_tokens_per_s_median", "decode_tokens_per_s_min", "decode_tokens_per_s_max", "time_to_first_token_ms_median",
+    "tokens", "tau", "acceptance_rate", "acceptance_by_position", "identity_checked", "identity_note", "near_ties",
+    "mismatches", "speedup_vs_baseline", "speedup_vs_baseline_range", "speedup_vs_hf", "speedup_vs_hf_range",
+}
+REPORT_FIELDS = {"machine", "target", "sampling", "max_new_tokens", "modes", "outputs_identical", "divergences", "runs"}
 
 
 @pytest.fixture
@@ -28,37 +39,75 @@ def prompts(tmp_path):
     return path
 
 
-def test_every_mode_runs_and_greedy_outputs_agree(tiny_target, prompts):
+@pytest.fixture(scope="module")
+def assistant(tmp_path_factory, tokenizer):
+    """A smaller random Qwen3 with the tiny target's tokenizer: a draft model for assisted generation."""
+    folder, _ = make_tiny_pair(tmp_path_factory.mktemp("assistant"), tokenizer)
+    return load_target(str(folder), dtype="float32", device="cpu")
+
+
+def test_every_mode_runs_and_greedy_outputs_agree(tiny_target, assistant, prompts):
     engine = Engine(tiny_target, load_drafter(str(REFERENCE / "dspark"), tiny_target))
-    report = bench(engine, read_prompts(prompts, None), build_modes(engine, MODES, 5), Sampling(), 16)
-    assert list(report["modes"]) == MODES
-    assert report["divergences"] == []
+    report = bench(engine, read_prompts(prompts, None), build_modes(engine, MODES, 5, assistant), Sampling(), 16)
+    assert set(report) == REPORT_FIELDS and list(report["modes"]) == MODES
+    assert report["divergences"] == [] and report["outputs_identical"] is True
+    json.dumps(report, allow_nan=False)  # plain JSON: no NaN for a missing ratio
     for name, row in report["modes"].items():
+        assert set(row) == ROW_FIELDS, name
         assert row["tokens"] == 3 * 16  # three prompt turns, each to the budget (the tiny model never stops)
-        assert row["decode_tokens_per_s_median"] > 0 and row["near_ties"] == row["mismatches"] == 0
-        assert "speedup_vs_baseline" in row and "speedup_vs_hf" in row
-    assert report["modes"]["baseline"]["tau"] == 1.0 and report["modes"]["drafter"]["tau"] >= 1.0
+        assert row["decode_tokens_per_s_median"] > 0
+        assert row["speedup_vs_baseline"] > 0 and row["speedup_vs_hf"] > 0
+        if name == "baseline":
+            assert not row["identity_checked"] and row["near_ties"] is None
+        else:
+            assert row["identity_checked"] and row["near_ties"] == row["mismatches"] == 0
+    rows = report["modes"]
+    assert rows["baseline"]["tau"] == 1.0 and rows["drafter"]["tau"] >= 1.0
+    assert rows["baseline"]["acceptance_by_position"] == []  # verifies no drafts
+    for name in ("drafter", "prompt-lookup"):
+        curve = rows[name]["acceptance_by_position"]
+        assert curve and all(a is None or 0 <= a <= 1 for a in curve)
+    for name in ("hf", "hf-prompt-lookup", "hf-assisted"):  # generate() does not report its rounds
+        assert rows[name]["tau"] is None and rows[name]["acceptance_by_position"] is None
     assert {"cpu", "cores", "gpus", "torch", "transformers"} <= set(report["machine"])
     runs = report["runs"]
     assert len(runs) == 3 * len(MODES) and {r["turn"] for r in runs} == {0, 1}
     assert "baseline" in format_table(report) and "machine:" in format_table(report)
 
 
-def test_a_wrong_output_is_reported_as_a_mismatch(tiny_target, prompts, monkeypatch):
+def test_acceptance_by_position_adds_counts_over_runs():
+    # Run 1: one round verified 2 and accepted 1. Run 2: one round verified 2 and accepted 2.
+    steps1 = [{"prefill": True}, {"verified": 2, "accepted": 1}]
+    steps2 = [{"prefill": True}, {"verified": 2, "accepted": 2}, {"verified": 1, "accepted": 0}]
+    stats = [bench_module.position_counts(steps1), bench_module.position_counts(steps2)]
+    # Position 1: reached 3 times, accepted 2; position 2: reached twice (1 accepted before), accepted once.
+    assert bench_module._acceptance_by_position(stats) == [2 / 3, 1 / 2]
+
+
+@pytest.mark.parametrize("runner, corrupted", [("run_engine", "prompt-lookup"), ("run_hf", "hf-assisted")])
+def test_a_wrong_output_is_reported_as_a_mismatch(tiny_target, assistant, prompts, monkeypatch, runner, corrupted):
     engine = Engine(tiny_target)
-    real = bench_module.run_engine
+    real = getattr(bench_module, runner)
 
     def corrupt(engine, mode, ids, sampling, max_new_tokens):
         tokens, stats = real(engine, mode, ids, sampling, max_new_tokens)
-        if mode.name == "prompt-lookup":
+        if mode.name == corrupted:
             tokens = tokens[:3] + [(tokens[3] + 1) % 512] + tokens[4:]
         return tokens, stats
 
-    monkeypatch.setattr(bench_module, "run_engine", corrupt)
-    report = bench(engine, read_prompts(prompts, 1), build_modes(engine, ["baseline", "prompt-lookup"], 5), Sampling(), 8)
+    monkeypatch.setattr(bench_module, runner, corrupt)
+    modes = build_modes(engine, ["baseline", corrupted], 5, assistant)
+    report = bench(engine, read_prompts(prompts, 1), modes, Sampling(), 8)
     [d] = report["divergences"]
-    assert d["mode"] == "prompt-lookup" and d["position"] == 3 and not d["near_tie"]
-    assert report["modes"]["prompt-lookup"]["mismatches"] == 1
+    assert d["mode"] == corrupted and d["position"] == 3 and not d["near_tie"]
+    assert report["modes"][corrupted]["mismatches"] == 1 and report["outputs_identical"] is False
+
+
+def test_sampled_outputs_are_not_compared(tiny_target, prompts):
+    engine = Engine(tiny_target)
+    report = bench(engine, read_prompts(prompts, 1), build_modes(engine, ["baseline", "hf"], 5), Sampling(0.8, seed=1), 4, warmup=False)
+    assert report["outputs_identical"] is None and report["modes"]["hf"]["mismatches"] is None
+    assert "hf: ties/bugs not checked: sampled outputs differ by chance" in format_table(report)
 
 
 def test_bad_prompt_files_and_modes_are_refused(tiny_target, tmp_path):
@@ -70,12 +119,131 @@ def test_bad_prompt_files_and_modes_are_refused(tiny_target, tmp_path):
         build_modes(Engine(tiny_target), ["drafter"], 5)
     with pytest.raises(ValueError, match="unknown mode 'fastest'"):
         build_modes(Engine(tiny_target), ["fastest"], 5)
+    with pytest.raises(ValueError, match="mode hf-assisted needs --assistant MODEL"):
+        build_modes(Engine(tiny_target), ["hf-assisted"], 5)
+    with pytest.raises(ValueError, match="mode llama.cpp needs a GGUF target"):
+        build_modes(Engine(tiny_target), ["llama.cpp"], 5)
 
 
-def test_command_line_writes_json(tiny_target_dir, prompts, tmp_path):
-    out = tmp_path / "report.json"
+def test_an_assistant_with_another_vocabulary_is_refused(tiny_target, tmp_path):
+    from .conftest import build_tokenizer
+
+    folder, _ = make_tiny_pair(tmp_path, build_tokenizer(vocab_size=400))
+    other = load_target(str(folder), dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="has another vocabulary than target"):
+        build_modes(Engine(tiny_target), ["hf-assisted"], 5, other)
+
+
+def test_llama_cpp_missing_is_refused_with_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` fail
+    gguf_target = SimpleNamespace(name=str(tmp_path / "model.gguf"), max_length=256)
+    with pytest.raises(ValueError, match="pip install llama-cpp-python"):
+        load_llama(gguf_target)
+
+
+def test_prompt_lines_keep_unicode_line_separators(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    turns = ["first\u2028line", "para\u2029graph\x85next\x0cpage"]
+    path.write_text(json.dumps({"turns": turns}, ensure_ascii=False) + "\n" + json.dumps({"turns": ["two"]}) + "\n", encoding="utf-8")
+    assert read_prompts(path, None) == [turns, ["two"]]
+
+
+def test_progress_without_a_terminal_prints_one_line_per_prompt():
+    out = io.StringIO()  # not a TTY
+    progress = Progress(prompts=2, runs=4, stream=out)
+    for prompt, mode in [(0, "baseline"), (0, "hf"), (1, "hf"), (1, "baseline")]:
+        progress(prompt, mode)
+    progress.finish()
+    lines = out.getvalue().split("\n")
+    assert "\r" not in out.getvalue() and lines[-1] == ""
+    assert re.fullmatch(r"prompt 1/2  elapsed 0:\d\d  ETA \?", lines[0])
+    assert re.fullmatch(r"prompt 2/2  elapsed 0:\d\d  ETA 0:\d\d", lines[1])
+    assert re.fullmatch(r"done: 4 runs in 0:\d\d", lines[2]) and len(lines) == 4
+
+
+def test_progress_on_a_terminal_redraws_one_line():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    progress = Progress(prompts=2, runs=4, stream=out)
+    progress(0, "baseline")
+    progress(0, "prompt-lookup")
+    assert "\n" not in out.getvalue() and out.getvalue().count("\r") == 2
+    assert "prompt 1/2  prompt-lookup" in out.getvalue().split("\r")[-1]
+    progress.finish()
+    assert out.getvalue().endswith("\n")
+
+
+def test_profile_prints_the_sps_table_the_scheduler_reads(tiny_target_dir, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # platformdirs' cache dir on Linux
+    assert cli.main(["bench", "--profile", "--target", str(tiny_target_dir), "--dtype", "float32", "--device", "cpu", "--block", "3"]) == 0
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert lines[0].startswith(f"SPS profile of {tiny_target_dir}")
+    assert lines[1].split() == ["B", "verify", "passes/s", "tok/s", "if", "all", "accepted", "cost", "vs", "B=1"]
+    rows = [line.split() for line in lines[2:6]]
+    assert [r[0] for r in rows] == ["1", "2", "3", "4"] and rows[0][3] == "1.00x"
+    for b, sps, tokens, _ in rows:
+        assert float(tokens) == pytest.approx(int(b) * float(sps), abs=0.1 * int(b))
+    assert lines[6].startswith("A pass over 4 tokens costs") and len(lines) == 7
+    # The numbers are the cached profile the auto scheduler decides with.
+    target = load_target(str(tiny_target_dir), dtype="float32", device="cpu")
+    assert [f"{s:.1f}" for s in sps_profile(target, 4, cache_dir())] == [r[1] for r in rows]
+
+
+def test_bench_without_prompts_is_refused(capsys):
+    assert cli.main(["bench", "--target", "smollm2"]) == 2
+    assert "bench needs --prompts FILE (or --profile)" in capsys.readouterr().err
+
+
+def test_command_line_writes_json_and_plot(tiny_target_dir, prompts, tmp_path):
+    matplotlib_image = pytest.importorskip("matplotlib.image")
+    out, png = tmp_path / "report.json", tmp_path / "plot.png"
     cmd = [sys.executable, "-m", "dspark_chat.app.cli", "bench", "--target", str(tiny_target_dir), "--prompts", str(prompts),
-           "--limit", "1", "--max-new-tokens", "6", "--modes", "baseline", "prompt-lookup", "--json", str(out)]
+           "--max-new-tokens", "6", "--modes", "baseline", "prompt-lookup", "--json", str(out), "--plot", str(png)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "prompt-lookup" in done.stdout and json.loads(out.read_text())["modes"]["baseline"]["tokens"] == 6
+    assert "prompt-lookup" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["modes"]["baseline"]["tokens"] == 3 * 6 and report["outputs_identical"] is True
+    assert {"command", "engine", "assistant"} <= set(report)
+    # Not a terminal: one plain line per prompt, then the summary line.
+    progress = [line for line in done.stderr.split("\n") if line.startswith(("prompt ", "done: "))]
+    assert [line.split("  ")[0] for line in progress[:2]] == ["prompt 1/2", "prompt 2/2"]
+    assert progress[2].startswith("done: 6 runs in ") and len(progress) == 3
+    assert "\r" not in done.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib_image.imread(str(png)).shape == (480, 1200, 4)  # 12 x 4.8 inches at 100 dpi
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+
+
+@pytest.fixture
+def llama_cpp():
+    """Listed before smollm2 in a test's arguments, so a machine without llama-cpp-python skips the load."""
+    return pytest.importorskip("llama_cpp")
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_embedded_gguf_and_stays_out_of_the_identity_check(llama_cpp, smollm2, monkeypatch):
+    engine = Engine(smollm2)
+    real = bench_module.run_llama
+    seen = {}
+
+    def wrong(engine, mode, ids, sampling, max_new_tokens):
+        tokens, stats = real(engine, mode, ids, sampling, max_new_tokens)
+        seen[tuple(ids)] = list(tokens)
+        return [(t + 1) % smollm2.vocab_size for t in tokens], stats  # would be a mismatch if it were compared
+
+    monkeypatch.setattr(bench_module, "run_llama", wrong)
+    report = bench(engine, [["What is 2 + 2?"]], build_modes(engine, ["baseline", "llama.cpp"], 5), Sampling(), 6)
+    answer = seen[tuple(engine.chat_ids([{"role": "user", "content": "What is 2 + 2?"}]))]
+    assert 1 <= len(answer) <= 6 and engine.tokenizer.decode(answer, skip_special_tokens=True).strip()
+    row = report["modes"]["llama.cpp"]
+    assert row["tokens"] == len(answer) and row["decode_tokens_per_s_median"] > 0 and row["time_to_first_token_ms_median"] > 0
+    assert set(row) == ROW_FIELDS and row["tau"] is None
+    assert not row["identity_checked"] and row["near_ties"] is None and row["mismatches"] is None
+    assert report["divergences"] == [] and report["outputs_identical"] is None
+    table = format_table(report)
+    assert re.search(r"^llama\.cpp .* - +-$", table, re.M)
+    assert "llama.cpp: ties/bugs excluded: llama.cpp computes with the GGUF's quantised weights" in table
