@@ -14,6 +14,37 @@ from dspark_chat.engine.sampling import Proposal
 DATA = Path(__file__).parent / "data"
 REFERENCE = DATA / "deepspec_reference"
 
+# A user catalog entry for the tiny reference target (tests lay it out in a Hub cache as acme/tiny),
+# and a pair of it with the reference DSpark drafter (acme/tiny-dspark).
+TINY_TARGET_TOML = """
+[targets.tiny]
+repo = "acme/tiny"
+license = "MIT"
+params = 200_000
+layers = 4
+hidden_size = 64
+attention_heads = 4
+kv_heads = 2
+head_dim = 16
+vocab_size = 512
+max_positions = 1024
+tied_embeddings = false
+dtype = "float32"
+download_bytes = 900_000
+"""
+TINY_DSPARK_PAIR_TOML = """
+[pairs.tiny-dspark]
+target = "tiny"
+kind = "dspark"
+block_size = 7
+drafter = "acme/tiny-dspark"
+drafter_layers = 2
+drafter_params = 150_000
+drafter_dtype = "float32"
+drafter_download_bytes = 600_000
+license = "MIT"
+"""
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"

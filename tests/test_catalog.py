@@ -13,6 +13,8 @@ import pytest
 
 from dspark_chat.engine.catalog import BUILTIN, CatalogError, load_catalog, user_catalog_path
 
+from .conftest import TINY_TARGET_TOML
+
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEC = {
     "qwen3-4b": "Qwen/Qwen3-4B", "qwen3-8b": "Qwen/Qwen3-8B", "qwen3-14b": "Qwen/Qwen3-14B",
@@ -86,22 +88,7 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-TARGET = """
-[targets.tiny]
-repo = "acme/tiny"
-license = "MIT"
-params = 100_000
-layers = 4
-hidden_size = 64
-attention_heads = 4
-kv_heads = 2
-head_dim = 16
-vocab_size = 512
-max_positions = 1024
-tied_embeddings = false
-dtype = "float32"
-download_bytes = 900_000
-"""
+TARGET = TINY_TARGET_TOML
 
 
 def errors(tmp_path, text: str) -> list[str]:

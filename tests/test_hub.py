@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import REFERENCE, TINY_DSPARK_PAIR_TOML, TINY_TARGET_TOML
+
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -371,22 +373,7 @@ def test_catalog_pair_pull_and_models_status(hub, tiny_repo, tmp_path):
     hub.repos["acme/tiny"] = tiny_repo
     user = tmp_path / "config" / "dspark-chat" / "models.toml"
     user.parent.mkdir(parents=True)
-    user.write_text("""
-[targets.tiny]
-repo = "acme/tiny"
-license = "MIT"
-params = 100_000
-layers = 4
-hidden_size = 64
-attention_heads = 4
-kv_heads = 2
-head_dim = 16
-vocab_size = 512
-max_positions = 1024
-tied_embeddings = false
-dtype = "float32"
-download_bytes = 900_000
-
+    user.write_text(TINY_TARGET_TOML + """
 [pairs.tiny-lookup]
 target = "tiny"
 kind = "prompt-lookup"
@@ -412,40 +399,12 @@ def test_a_pair_that_cannot_fit_is_refused_before_any_download(hub, tmp_path):
 def test_generate_with_a_catalog_pair_downloads_and_decodes(hub, tiny_repo, tmp_path):
     """`generate --model NAME`: the user's catalog names a target and a DSpark drafter on the (local) Hub;
     the plan admits it, the hub module fetches both, the loader pairs them, the loop decodes."""
-    from .conftest import REFERENCE
-
     hub.repos["acme/tiny"] = tiny_repo
     hub.repos["acme/tiny-dspark"] = Repo({p.name: p.read_bytes() for p in (REFERENCE / "dspark").iterdir()},
                                          {"model.safetensors"})
     user = tmp_path / "config" / "dspark-chat" / "models.toml"
     user.parent.mkdir(parents=True)
-    user.write_text("""
-[targets.tiny]
-repo = "acme/tiny"
-license = "MIT"
-params = 200_000
-layers = 4
-hidden_size = 64
-attention_heads = 4
-kv_heads = 2
-head_dim = 16
-vocab_size = 512
-max_positions = 1024
-tied_embeddings = false
-dtype = "float32"
-download_bytes = 900_000
-
-[pairs.tiny-dspark]
-target = "tiny"
-kind = "dspark"
-block_size = 7
-drafter = "acme/tiny-dspark"
-drafter_layers = 2
-drafter_params = 150_000
-drafter_dtype = "float32"
-drafter_download_bytes = 600_000
-license = "MIT"
-""")
+    user.write_text(TINY_TARGET_TOML + TINY_DSPARK_PAIR_TOML)
     result = run(tmp_path, "generate", "--model", "tiny-dspark", "hello", "--json", "--max-new-tokens", "12",
                  "--dtype", "float32", "--device", "cpu", endpoint=hub.url)
     assert result.returncode == 0, result.stderr

@@ -19,40 +19,13 @@ from dspark_chat.app.history import History
 from dspark_chat.app.tui import (Answer, ChatInput, ChatScreen, CompareScreen, DSparkChat, HistoryScreen, PickerScreen,
                                  SettingsScreen, StatusBar)
 
-from .conftest import REFERENCE
+from .conftest import REFERENCE, TINY_DSPARK_PAIR_TOML, TINY_TARGET_TOML
 from .test_hub import build_cache
 
 WAIT_S = 180  # bound on any wait; the tests assert behaviour, never speed
 SIZE = (120, 40)
 
-CATALOG = """
-[targets.tiny]
-repo = "acme/tiny"
-license = "MIT"
-params = 200_000
-layers = 4
-hidden_size = 64
-attention_heads = 4
-kv_heads = 2
-head_dim = 16
-vocab_size = 512
-max_positions = 1024
-tied_embeddings = false
-dtype = "float32"
-download_bytes = 900_000
-
-[pairs.tiny-dspark]
-target = "tiny"
-kind = "dspark"
-block_size = 7
-drafter = "acme/tiny-dspark"
-drafter_layers = 2
-drafter_params = 150_000
-drafter_dtype = "float32"
-drafter_download_bytes = 600_000
-license = "MIT"
-description = "a tiny random Qwen3 with a DSpark drafter"
-"""
+CATALOG = TINY_TARGET_TOML + TINY_DSPARK_PAIR_TOML + 'description = "a tiny random Qwen3 with a DSpark drafter"\n'
 
 
 @pytest.fixture
