@@ -90,7 +90,7 @@ class PickerScreen(Screen):
         try:
             self.rows = await load_catalog_rows()
         except EngineError as e:
-            self.query_one("#explanation", Static).update(f"[b]Cannot read the catalog:[/b] {e}")
+            self.query_one("#explanation", Static).update(Text.assemble(("Cannot read the catalog:", "bold"), f" {e}"))
             return
         self.show_rows()
 
@@ -131,7 +131,7 @@ class PickerScreen(Screen):
         if row is None:
             return
         if not row["fits"]:
-            self.notify(f"{row['name']} does not fit this machine: {row['explanation'].splitlines()[-1].strip()}",
+            self.notify(f"{row['name']} does not fit this machine: {row['explanation'].splitlines()[-1].strip()}", markup=False,
                         title="Cannot start", severity="error", timeout=8)
             return
         self.app.start_pair(row["name"])
@@ -177,7 +177,7 @@ class StartScreen(Screen):
 
     @work(exclusive=True)
     async def start(self) -> None:
-        self.failed = False
+        self.failed, self.last_sample = False, None
         self.query_one("#error", Static).update("")
         client = None
         try:
@@ -207,7 +207,10 @@ class StartScreen(Screen):
         self.query_one("#state", Static).update(Text(f"{words}" + (f": {message}" if message else "")))
         bar = self.query_one("#download", ProgressBar)
         bar.display = bool(progress)
-        if progress:
+        if not progress:
+            self.last_sample = None
+            self.query_one("#bytes", Static).update("")
+        else:
             now = time.monotonic()
             bar.update(total=progress.get("total") or None, progress=progress.get("done", 0))
             rate = ""
@@ -345,6 +348,7 @@ class ChatScreen(Screen):
 
     def on_mount(self) -> None:
         self.set_interval(1.0, self.check_engine)
+        self.call_after_refresh(self.query_one("#messages", VerticalScroll).scroll_end, animate=False)
         self.show_connection()
 
     def show_connection(self) -> None:
@@ -421,7 +425,7 @@ class ChatScreen(Screen):
             raise
         except EngineError as e:
             ending = f"\n\n*(error: {e})*"
-            self.notify(str(e), title="The answer failed", severity="error", timeout=10)
+            self.notify(str(e), title="The answer failed", severity="error", timeout=10, markup=False)
         finally:
             await stream.stop()
             self.generating = False
@@ -441,7 +445,7 @@ class ChatScreen(Screen):
         try:
             self.app.history.save(self.conversation)
         except (OSError, HistoryError) as e:
-            self.notify(f"Could not save the conversation: {e}", severity="error", timeout=10)
+            self.notify(f"Could not save the conversation: {e}", severity="error", timeout=10, markup=False)
 
     def action_origins(self) -> None:
         views = Answer.VIEWS
@@ -607,7 +611,7 @@ class SettingsScreen(ModalScreen):
 
     def compose(self) -> ComposeResult:
         s = self.settings
-        with Vertical(id="dialog"):
+        with VerticalScroll(id="dialog"):
             yield Label("Settings for this conversation", classes="dialog-title")
             for key, label, value in (("temperature", "temperature (0 = greedy)", s["temperature"]), ("top_p", "top-p", s["top_p"]),
                                       ("max_tokens", "max tokens", s["max_tokens"]),
@@ -651,7 +655,9 @@ class SettingsScreen(ModalScreen):
         try:
             self.dismiss(self.read())
         except ValueError as e:
-            self.query_one("#settings-error", Static).update(Text(str(e), style="red"))
+            error = self.query_one("#settings-error", Static)
+            error.update(Text(str(e)))
+            error.display = True
 
     @on(Button.Pressed, "#cancel")
     def action_cancel(self) -> None:
@@ -717,7 +723,7 @@ class HistoryScreen(ModalScreen):
         try:
             self.app.history.delete(conv.id)
         except HistoryError as e:
-            self.notify(str(e), severity="error")
+            self.notify(str(e), severity="error", markup=False)
         self.refresh_list()
 
     def action_export(self) -> None:
@@ -755,13 +761,14 @@ class DSparkChat(App):
     .pane-title { text-style: bold; }
     #compare-prompt, #verdict { height: auto; padding: 0 1; }
     #verdict { background: $panel; min-height: 2; }
-    #dialog { width: 70; height: auto; max-height: 90%; border: thick $primary; background: $surface; padding: 1 2; }
+    #dialog { width: 70; height: auto; max-height: 90%; border: thick $primary; background: $surface; padding: 0 1; }
+    #settings-error { display: none; color: $error; }
     SettingsScreen, HistoryScreen { align: center middle; }
-    .dialog-title { text-style: bold; margin-bottom: 1; }
+    .dialog-title { text-style: bold; }
     .setting { height: 3; }
     .setting Label { width: 30; padding: 1 1 0 0; }
     .setting Input, .setting Select { width: 1fr; }
-    .buttons { height: auto; margin-top: 1; }
+    .buttons { height: auto; }
     #conversations { height: auto; max-height: 20; }
     """
 
@@ -821,9 +828,9 @@ class DSparkChat(App):
         try:
             path = self.history.export_markdown(conv, folder / f"{conv.id}.md", overwrite=True)
         except (OSError, HistoryError) as e:
-            self.notify(f"Export failed: {e}", severity="error")
+            self.notify(f"Export failed: {e}", severity="error", markup=False)
             return
-        self.notify(f"Exported to {path}", title="Exported", timeout=8)
+        self.notify(f"Exported to {path}", title="Exported", timeout=8, markup=False)
 
     def get_system_commands(self, screen: Screen):
         yield from super().get_system_commands(screen)
