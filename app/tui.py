@@ -31,6 +31,32 @@ from .history import Conversation, History, HistoryError
 DEFAULT_SETTINGS = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 512, "block_size": None, "scheduler": "auto",
                     "speculative": True, "seed": None}
 READY = ("yes", "built in")  # `downloaded` values of a pair that needs no download
+REDRAW_S = 0.1  # streamed text and live statistics are redrawn at most this often
+
+
+class PacedStream:
+    """Streams text into a Markdown widget at most every REDRAW_S: re-rendering Markdown every round
+    would take CPU from the engine, which shares the cores. write() says whether it redrew."""
+
+    def __init__(self, markdown: Markdown):
+        self.stream = Markdown.get_stream(markdown)
+        self.pending: list[str] = []
+        self.last = 0.0
+
+    async def write(self, text: str) -> bool:
+        self.pending.append(text)
+        now = time.monotonic()
+        if now - self.last < REDRAW_S:
+            return False
+        self.last = now
+        await self.stream.write("".join(self.pending))
+        self.pending.clear()
+        return True
+
+    async def stop(self) -> None:
+        if self.pending:
+            await self.stream.write("".join(self.pending))
+        await self.stream.stop()
 
 
 async def load_catalog_rows() -> list[dict]:
@@ -403,7 +429,7 @@ class ChatScreen(Screen):
     async def answer(self, answer: Answer) -> None:
         self.generating = True
         stats = TurnStats()
-        stream = Markdown.get_stream(answer.query_one(Markdown))
+        stream = PacedStream(answer.query_one(Markdown))
         status = self.query_one(StatusBar)
         scroll = self.query_one("#messages", VerticalScroll)
         c = self.app.connection
@@ -413,13 +439,12 @@ class ChatScreen(Screen):
                 stats.add(chunk)
                 if chunk.event is not None:
                     answer.events.append(chunk.event)
-                if chunk.text:
-                    answer.content += chunk.text
-                    await stream.write(chunk.text)
+                answer.content += chunk.text
+                if await stream.write(chunk.text):
                     if scroll.max_scroll_y - scroll.scroll_y < 3:
                         scroll.scroll_end(animate=False)
-                answer.stats = stats.summary()
-                status.show_stats(answer.stats)
+                    answer.stats = stats.summary()
+                    status.show_stats(answer.stats)
         except asyncio.CancelledError:
             ending = "\n\n*(stopped)*"
             raise
@@ -432,6 +457,7 @@ class ChatScreen(Screen):
             if ending:
                 answer.query_one(Markdown).update(answer.content + ending)
             answer.stats = stats.summary() if stats.events or stats.chunks else None
+            status.show_stats(answer.stats)
             answer.show(answer.view)
             if answer.content:
                 self.conversation.messages.append(answer.to_message())
@@ -559,16 +585,18 @@ class CompareScreen(Screen):
 
     async def run_one(self, side: str, body: dict) -> TurnStats:
         pane = self.query_one(f"#{side}", Pane)
-        stream = Markdown.get_stream(pane.query_one(Markdown))
+        stream = PacedStream(pane.query_one(Markdown))
         stats = TurnStats()
         c = self.app.connection
         try:
             async for chunk in c.client.chat(c.model, self.messages, body):
                 stats.add(chunk)
-                await stream.write(chunk.text)
-                pane.query_one(".turn-stats", Static).update(format_stats(stats.summary()))
+                if await stream.write(chunk.text):
+                    pane.query_one(".turn-stats", Static).update(format_stats(stats.summary()))
         finally:
             await stream.stop()
+            if stats.events or stats.chunks:
+                pane.query_one(".turn-stats", Static).update(format_stats(stats.summary()))
         self.results[side] = stats
         return stats
 

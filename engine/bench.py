@@ -26,7 +26,7 @@ from .stats import summarize
 from .target import Target
 
 BASELINE = "baseline"
-MODE_NAMES = "baseline, drafter[:off|threshold|auto], prompt-lookup, hf, hf-prompt-lookup, hf-assisted, llama.cpp"
+MODE_NAMES = "baseline, drafter[:off|threshold|auto], prompt-lookup[:off|auto], hf, hf-prompt-lookup, hf-assisted, llama.cpp"
 # llama.cpp allocates its KV cache for the whole context up front; SmolLM2's 8192 tokens take about 190 MB.
 LLAMA_MAX_CONTEXT = 8192
 LLAMA_NOT_EXACT = ("excluded: llama.cpp computes with the GGUF's quantised weights and its own kernels (our target with "
@@ -84,8 +84,11 @@ def build_modes(engine: Engine, names: list[str], prompt_lookup_tokens: int, ass
                 raise ValueError(f"mode {name} needs --drafter")
             scheduler = name.partition(":")[2] or None
             modes.append(Mode(name, engine.drafter, scheduler))
-        elif name == "prompt-lookup":
-            modes.append(Mode(name, PromptLookupDrafter(block_size=prompt_lookup_tokens)))
+        elif name.startswith("prompt-lookup"):
+            scheduler = name.partition(":")[2] or None
+            if scheduler not in (None, "off", "auto"):
+                raise ValueError(f"mode {name}: prompt lookup takes the scheduler off (verify every draft) or auto (learned)")
+            modes.append(Mode(name, PromptLookupDrafter(block_size=prompt_lookup_tokens), scheduler))
         elif name == "hf":
             modes.append(Mode(name, hf_options={}))
         elif name == "hf-prompt-lookup":
@@ -485,11 +488,15 @@ def main(args) -> int:
     prompts = read_prompts(Path(args.prompts), args.limit)
     if not prompts:
         raise ValueError(f"{args.prompts}: no prompts")
-    engine = Engine.load(args.target, args.drafter, False, args.dtype, args.device, "auto" if args.drafter else "off")
+    engine = Engine.load(args.target, args.drafter, False, args.dtype, args.device, "auto")
     assistant = load_target(args.assistant, args.dtype, args.device) if args.assistant else None
     names = args.modes or ([BASELINE, "prompt-lookup", "hf", "hf-prompt-lookup"] + (["drafter"] if args.drafter else [])
                            + (["hf-assisted"] if args.assistant else []))
     modes = build_modes(engine, names, args.prompt_lookup_tokens, assistant)
+    needed = args.prompt_lookup_tokens + 1
+    if any(m.name.startswith("prompt-lookup") for m in modes) and len(engine.scheduler.sps or []) < needed:
+        # The auto scheduler weighs prompt lookup's drafts against the verify cost of each length.
+        engine.scheduler.sps = sps_profile(engine.target, needed, cache_dir())
     sampling = Sampling(args.temperature, seed=args.seed)
     progress = Progress(len(prompts), sum(len(t) for t in prompts) * len(modes))
     result = bench(engine, prompts, modes, sampling, args.max_new_tokens, progress=progress)

@@ -121,7 +121,7 @@ def _add_bench_command(commands) -> None:
     bench.add_argument("--max-new-tokens", type=int, default=256)
     bench.add_argument("--temperature", type=float, default=0.0)
     bench.add_argument("--seed", type=int)
-    bench.add_argument("--modes", nargs="+", help="baseline, drafter[:off|threshold|auto], prompt-lookup, hf, hf-prompt-lookup, hf-assisted (needs --assistant), "
+    bench.add_argument("--modes", nargs="+", help="baseline, drafter[:off|threshold|auto], prompt-lookup[:off|auto], hf, hf-prompt-lookup, hf-assisted (needs --assistant), "
                        "llama.cpp (a GGUF target; pip install llama-cpp-python)")
     bench.add_argument("--prompt-lookup-tokens", type=int, default=10, help="tokens prompt lookup drafts a round")
     bench.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")

@@ -148,7 +148,8 @@ def decode(
         confidences = None
         if proposal.confidence_logits is not None:
             confidences = scheduler.confidences(proposal.confidence_logits)
-        n = scheduler.verify_count(len(draft_ids), confidences)
+        # Decided before the target sees the drafts, from the proposal and past rounds only: lossless.
+        n = scheduler.verify_count(len(draft_ids), confidences, proposal.match)
         draft_ms = _ms(t)
 
         # Verify: one target pass over the anchor and n drafts, then the lossless rule.
@@ -160,6 +161,7 @@ def decode(
         else:
             draft_probs = None if proposal.probs is None else proposal.probs[:n].to(logits.device)
             accepted, bonus = accept_sampled(sampling.probs(logits), drafts, draft_probs, generator)
+        scheduler.observe(confidences, proposal.match, n, accepted)
         committed = draft_ids[:accepted] + [int(bonus)]
         origins = ["draft"] * accepted + ["target"]
         # The cache now holds the anchor and n drafts: keep the anchor and the accepted ones.

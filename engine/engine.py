@@ -69,11 +69,12 @@ class Engine:
 
     def scheduler_for(self, mode: str | None = None, threshold: float | None = None) -> Scheduler:
         """The engine's scheduler, or a copy with another mode or threshold for one request. The auto
-        mode needs the SPS profile, measured once (and cached on disk) for a drafter with confidences."""
+        mode needs the SPS profile, measured once (and cached on disk) for any drafter: with a confidence
+        head it weighs the confidences, without one (prompt lookup) the acceptance learned online."""
         plan = self.scheduler
         if mode is not None or threshold is not None:
             plan = replace(plan, mode=mode or plan.mode, threshold=plan.threshold if threshold is None else threshold)
-        if plan.mode == "auto" and plan.sps is None and getattr(self.drafter, "confidence_head", None) is not None:
+        if plan.mode == "auto" and plan.sps is None and self.drafter is not None:
             self.scheduler.sps = plan.sps = sps_profile(self.target, self.drafter.block_size + 1, cache_dir())
         return plan
 

@@ -1,5 +1,5 @@
-"""Prompt lookup: a model-free drafter that copies what followed the latest earlier occurrence of
-the last few tokens. It pays off on code edits, quoting and summaries, where answers repeat the prompt."""
+"""Prompt lookup: a model-free drafter that copies what followed an earlier occurrence of the context's
+last tokens. It pays off on code edits, quoting and summaries, where answers repeat the prompt."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from .sampling import Proposal, Sampling
 class PromptLookupDrafter:
     feature_layers: tuple[int, ...] = ()
 
-    def __init__(self, block_size: int = 10, max_ngram: int = 3, min_ngram: int = 1):
-        if not 1 <= min_ngram <= max_ngram:
-            raise ValueError("need 1 <= min_ngram <= max_ngram")
-        self.block_size, self.max_ngram, self.min_ngram = block_size, max_ngram, min_ngram
+    def __init__(self, block_size: int = 10, max_match: int = 32, min_match: int = 1):
+        if not 1 <= min_match <= max_match:
+            raise ValueError("need 1 <= min_match <= max_match")
+        self.block_size, self.max_match, self.min_match = block_size, max_match, min_match
 
     def rewind(self, length: int) -> int:
         """Nothing to forget: the committed ids are the whole state, and the loop passes them in."""
@@ -24,16 +24,31 @@ class PromptLookupDrafter:
         """Reads no target features."""
 
     def propose(self, ids: torch.Tensor, limit: int, sampling: Sampling, generator=None) -> Proposal:
+        """Copies after the earlier occurrence whose preceding tokens match the context's end longest
+        (up to max_match). Among equally long matches it takes the latest one that still has n tokens
+        after it, else the earliest: the latest may sit just before the end of the context (inside a
+        repetition) and offer only a token or two, which are then repeated. The match length goes with
+        the proposal, because it predicts acceptance (the auto scheduler learns by it)."""
         n = min(limit, self.block_size)
-        if n <= 0:
+        if n <= 0 or ids.shape[0] < 2:
             return Proposal.empty(ids.device)
-        for size in range(min(self.max_ngram, ids.shape[0] - 1), self.min_ngram - 1, -1):
-            windows = ids.unfold(0, size, 1)[:-1]  # every earlier n-gram, excluding the suffix itself
-            hits = (windows == ids[-size:]).all(-1).nonzero()
-            if len(hits):
-                follow = int(hits[-1]) + size
-                tokens = ids[follow : follow + n]
-                if len(tokens):
-                    # A deterministic proposal: each draft had probability 1 under the drafter.
-                    return Proposal(tokens, None)
-        return Proposal.empty(ids.device)
+        hits = (ids[:-1] == ids[-1]).nonzero().squeeze(1)  # earlier positions holding the last token
+        if not len(hits):
+            return Proposal.empty(ids.device)
+        # How far back each hit keeps matching the context's end: compare up to max_match tokens at once.
+        back = hits[:, None] - torch.arange(min(self.max_match, ids.shape[0] - 1), device=ids.device)
+        same = (back >= 0) & (ids[back.clamp_min(0)] == ids.flip(0)[: back.shape[1]])
+        lengths = same.cumprod(1).sum(1)
+        match = int(lengths.max())
+        if match < self.min_match:
+            return Proposal.empty(ids.device)
+        hits = hits[lengths == match]
+        full = hits[hits + n < ids.shape[0]]
+        start = int(full[-1] if len(full) else hits[0]) + 1
+        tokens = ids[start : start + n]
+        if len(tokens) < n:
+            # The source runs into the context's end: the match says the text repeats with period
+            # len(ids) - start, so the copy goes on with that repetition.
+            tokens = tokens.repeat(-(-n // len(tokens)))[:n]
+        # A deterministic proposal: each draft had probability 1 under the drafter.
+        return Proposal(tokens, None, match=match)

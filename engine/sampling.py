@@ -44,6 +44,9 @@ class Proposal:
     tokens: torch.Tensor  # [n] draft token ids
     probs: torch.Tensor | None  # [n, V] distributions they were drawn from; None: greedy or deterministic
     confidence_logits: torch.Tensor | None = None  # [n], logit of P(accepted | all before accepted)
+    # Prompt lookup: how many of the context's last tokens the copied source matched. It predicts
+    # acceptance, and the auto scheduler keys what it learns on it.
+    match: int | None = None
 
     @classmethod
     def empty(cls, device) -> "Proposal":

@@ -642,7 +642,7 @@ def run(args, name: str, placement: dict | None = None) -> int:
         engine = Engine.load(args.target, args.drafter, args.prompt_lookup, args.dtype, args.device, "off", args.threshold,
                              args.calibration, placement=placement)
         engine.scheduler.mode = args.scheduler
-        if args.scheduler == "auto" and getattr(engine.drafter, "confidence_head", None) is not None:
+        if args.scheduler == "auto" and engine.drafter is not None:
             service.set_state("profiling", "measuring the target's verify speed for the auto scheduler")
             engine.scheduler_for()
         return engine

@@ -22,7 +22,7 @@ from dspark_chat.engine.scheduler import sps_profile
 
 from .conftest import REFERENCE, make_tiny_pair
 
-MODES = ["baseline", "drafter", "drafter:threshold", "prompt-lookup", "hf", "hf-prompt-lookup", "hf-assisted"]
+MODES = ["baseline", "drafter", "drafter:threshold", "prompt-lookup", "prompt-lookup:off", "hf", "hf-prompt-lookup", "hf-assisted"]
 ROW_FIELDS = {
     "decode_tokens_per_s_median", "decode_tokens_per_s_min", "decode_tokens_per_s_max", "time_to_first_token_ms_median",
     "tokens", "tau", "acceptance_rate", "acceptance_by_position", "identity_checked", "identity_note", "near_ties",
@@ -121,6 +121,8 @@ def test_bad_prompt_files_and_modes_are_refused(tiny_target, tmp_path):
         build_modes(Engine(tiny_target), ["fastest"], 5)
     with pytest.raises(ValueError, match="mode hf-assisted needs --assistant MODEL"):
         build_modes(Engine(tiny_target), ["hf-assisted"], 5)
+    with pytest.raises(ValueError, match="mode prompt-lookup:threshold: prompt lookup takes the scheduler off"):
+        build_modes(Engine(tiny_target), ["prompt-lookup:threshold"], 5)
     with pytest.raises(ValueError, match="mode llama.cpp needs a GGUF target"):
         build_modes(Engine(tiny_target), ["llama.cpp"], 5)
 

@@ -158,3 +158,20 @@ def test_text_stream_holds_back_split_characters(tokenizer):
     pieces = [stream.push([i]) for i in ids] + [stream.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_prompt_lookup_copies_after_the_longest_match():
+    from dspark_chat.engine.prompt_lookup import PromptLookupDrafter
+
+    def propose(ids, limit=4):
+        p = PromptLookupDrafter().propose(torch.tensor(ids), limit, Sampling())
+        return p.tokens.tolist(), p.match
+
+    # The 3-token match (5 6 7 -> 8 9) beats the later 1-token one (7 -> 1 2).
+    assert propose([5, 6, 7, 8, 9, 0, 7, 1, 2, 3, 5, 6, 7]) == ([8, 9, 0, 7], 3)
+    # Equal matches: the latest with a full continuation, not the one inside the repetition at the end.
+    assert propose([4, 1, 2, 3, 4, 9, 9, 9, 4, 1, 2, 3, 4, 4]) == ([1, 2, 3, 4], 1)
+    # A source that runs into the end of the context continues the repetition the match implies.
+    assert propose([0, 0, 0, 0, 0, 0, 0, 0], limit=3) == ([0, 0, 0], 7)
+    assert propose([1, 2, 1, 2, 1], limit=5) == ([2, 1, 2, 1, 2], 3)
+    assert propose([1, 2, 3]) == ([], None) and propose([1, 2, 3, 2], limit=0) == ([], None)

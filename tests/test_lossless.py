@@ -13,7 +13,7 @@ import dspark_chat.engine.decode as decode_module
 from dspark_chat.engine.decode import decode
 from dspark_chat.engine.loading import load_drafter, load_target
 from dspark_chat.engine.prompt_lookup import PromptLookupDrafter
-from dspark_chat.engine.sampling import Sampling
+from dspark_chat.engine.sampling import Proposal, Sampling
 from dspark_chat.engine.scheduler import Scheduler, measure_sps
 from dspark_chat.kernels.acceptance import accept_sampled
 from dspark_chat.kernels.sampling import sample, to_probs
@@ -56,6 +56,43 @@ def test_greedy_speculative_equals_baseline(variant, mode, tiny_target, referenc
             # Rounds that accept 0..7 drafts exercise every rollback length of both caches.
             forcing = Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 7, 0, 5, 1, 6, 2, 4])
             assert generated(tiny_target, forcing, prompt, scheduler) == baseline
+
+
+class SteeredLookup(PromptLookupDrafter):
+    """Prompt lookup whose first drafts are, on a schedule, the target's greedy tokens (its match length
+    kept), so that rounds accept anything from none to all of what they verify, as on real text."""
+
+    def __init__(self, prompt_len, greedy, schedule):
+        super().__init__()
+        self.prompt_len, self.greedy, self.schedule, self.rounds = prompt_len, greedy, schedule, 0
+
+    def propose(self, ids, limit, sampling, generator=None):
+        proposal = super().propose(ids, limit, sampling, generator)
+        forced = self.schedule[self.rounds % len(self.schedule)]
+        self.rounds += 1
+        done = len(ids) - self.prompt_len
+        tokens = proposal.tokens.clone()
+        tokens[:forced] = torch.tensor(self.greedy[done : done + forced])[: len(tokens)]
+        return Proposal(tokens, None, match=proposal.match)
+
+
+def test_greedy_identity_for_prompt_lookup_under_the_learned_auto_policy(tiny_target, reference):
+    """One scheduler learns across all prompts (as an engine's does across requests); whatever count it
+    picks, the output is the plain greedy one."""
+    smollm2_fp32 = [13.8, 8.5, 6.6, 6.6, 7.7, 7.2, 6.7, 7.0, 6.7, 7.4, 6.3]  # passes/s for B = 1..11 tokens
+    scheduler = Scheduler("auto", sps=smollm2_fp32)
+    g = torch.Generator().manual_seed(3)
+    all_prompts = prompts(reference) + [torch.randint(4, 40, (n,), generator=g).tolist() for n in (8, 15, 30, 60)] * 2
+    verified = []
+    for i, prompt in enumerate(all_prompts):
+        baseline = generated(tiny_target, None, prompt, max_new_tokens=48)
+        drafter = SteeredLookup(len(prompt), baseline + [0] * 10, [[10, 0, 3, 10, 1, 7, 0, 10], [0, 0, 2], [10]][i % 3])
+        tiny_target.rewind(0)
+        steps = list(decode(tiny_target, drafter, prompt, Sampling(), 48, scheduler))
+        assert [t for s in steps for t in s.token_ids] == baseline
+        verified += [s.verified for s in steps[1:] if s.draft_ids]
+    # The policy did vary the count, from verifying nothing to verifying whole proposals.
+    assert 0 in verified and 10 in verified and len(set(verified)) >= 5
 
 
 def test_greedy_identity_with_max_draft_and_budgets(tiny_target, reference):
@@ -122,14 +159,17 @@ def exact_distribution(target, prefix, length, sampling):
     return out
 
 
-def sampled_counts(target, drafter, prefix, length, sampling, runs):
+def sampled_counts(target, drafter, prefix, length, sampling, runs, scheduler=None, verified=None):
     counts = {}
     for seed in range(runs):
         target.rewind(0)
         drafter.rewind(0)
         s = Sampling(sampling.temperature, sampling.top_p, sampling.top_k, seed)
-        tokens = tuple(t for step in decode(target, drafter, prefix, s, 6) for t in step.token_ids)[:length]
+        steps = list(decode(target, drafter, prefix, s, 6, scheduler))
+        tokens = tuple(t for step in steps for t in step.token_ids)[:length]
         counts[tokens] = counts.get(tokens, 0) + 1
+        if verified is not None:
+            verified += [step.verified for step in steps[1:] if step.draft_ids]
     return counts
 
 
@@ -161,6 +201,22 @@ def test_speculative_sampling_matches_target_distribution(sampling, tmp_path, to
     monkeypatch.setattr(decode_module, "accept_sampled", broken_rule)
     counts = sampled_counts(target, drafter, prefix, length, sampling, runs)
     assert chi_square_pvalue(counts, exact, runs) < 1e-4
+
+
+@pytest.mark.parametrize("sampling", [Sampling(1.0), Sampling(0.7, top_k=3)], ids=["t1", "t0.7-topk3"])
+def test_prompt_lookup_sampling_under_the_learned_policy_matches_target_distribution(sampling, tmp_path, tokenizer):
+    """The learned count depends on earlier rounds' random acceptances, never on this round's: the
+    committed tokens still follow the target's distribution."""
+    target_dir, _ = make_tiny_pair(tmp_path, tokenizer, vocab_size=4, block_size=4, markov_rank=4, std=0.8)
+    target = load_target(str(target_dir), "float32", "cpu")
+    target.stop_ids = ()
+    prefix, length, runs = [1, 3, 0, 1, 3], 3, 1000
+    exact = exact_distribution(target, prefix, length, sampling)
+    scheduler = Scheduler("auto", sps=[100.0, 70.0, 60.0, 52.0, 46.0, 42.0])  # one scheduler learns over all runs
+    verified = []
+    counts = sampled_counts(target, PromptLookupDrafter(block_size=5), prefix, length, sampling, runs, scheduler, verified)
+    assert chi_square_pvalue(counts, exact, runs) > 1e-3
+    assert len(set(verified)) >= 3  # the count did vary
 
 
 def test_to_probs_applies_top_k_and_top_p():

@@ -8,15 +8,21 @@ import math
 import pytest
 import torch
 
+import dspark_chat.engine.scheduler as scheduler_module
 from dspark_chat.engine.engine import Engine
 from dspark_chat.engine.loading import load_drafter
-from dspark_chat.engine.scheduler import Scheduler, load_calibration, sps_profile
+from dspark_chat.engine.prompt_lookup import PromptLookupDrafter
+from dspark_chat.engine.sampling import Sampling
+from dspark_chat.engine.scheduler import AcceptanceModel, Scheduler, disturbance, load_calibration, sps_profile
 
 from .conftest import REFERENCE
 
 CONFIDENT = [0.95, 0.9, 0.85, 0.8, 0.6, 0.4, 0.2]
 GPU_LIKE = [100.0, 99.0, 98.5, 98.0, 97.5, 97.0, 96.5, 96.0]  # verifying 8 tokens costs what 1 does
 CPU_LIKE = [100.0, 70.0, 52.0, 42.0, 35.0, 30.0, 26.0, 23.0]  # each extra token costs
+# SmolLM2-135M on 2 cores, measured on a quiet machine: verify passes per second for B = 1..12.
+SMOLLM2_FP32 = [13.8, 8.5, 6.6, 6.6, 7.7, 7.2, 6.7, 7.0, 6.7, 7.4, 6.3, 7.1]
+SMOLLM2_BF16 = [29.2, 20.4, 15.2, 12.0, 10.2, 8.9, 7.7, 7.0, 6.4, 5.8, 5.3, 4.9]
 
 
 def test_off_verifies_everything_and_threshold_stops_at_the_first_doubt():
@@ -50,9 +56,174 @@ def test_auto_decides_on_position_k_without_looking_past_it():
             assert scheduler.verify_count(7, changed) == chosen
 
 
-def test_drafters_without_confidences_are_verified_in_full():
-    assert Scheduler("auto", sps=CPU_LIKE).verify_count(5, None) == 5
-    assert Scheduler("threshold").verify_count(5, None) == 5
+def test_drafters_without_confidences_are_verified_in_full_unless_auto_has_a_profile():
+    assert Scheduler("off").verify_count(5, None, match=3) == 5
+    assert Scheduler("threshold").verify_count(5, None, match=3) == 5
+    assert Scheduler("auto").verify_count(5, None, match=3) == 5  # no SPS profile: nothing to weigh
+
+
+# --- learned acceptance for drafters without a confidence head (prompt lookup) --------------------
+
+def lookup_counts() -> AcceptanceModel:
+    """Acceptance by effective match length roughly as SmolLM2 shows on HumanEval."""
+    model = AcceptanceModel()
+    model.counts = {("match", 1): [20, 100], ("match", 2): [40, 100], ("match", 3): [64, 100]}
+    model.counts |= {("match", m): [90, 100] for m in range(4, 17)}
+    return model
+
+
+def expected_rate(model, match, n, sps):
+    """(1 + a_1 + ... + a_n) * SPS(1 + n), written out independently of the scheduler."""
+    p = [model.probability(("match", min(match + k - 1, model.cap))) for k in range(1, n + 1)]
+    return (1 + sum(math.prod(p[:k]) for k in range(1, n + 1))) * sps[n]
+
+
+@pytest.mark.parametrize("sps", [SMOLLM2_FP32, SMOLLM2_BF16, CPU_LIKE, GPU_LIKE], ids=["fp32", "bf16", "cpu", "gpu"])
+def test_learned_policy_picks_the_count_with_the_best_expected_rate(sps):
+    model = lookup_counts()
+    for match in range(1, 12):
+        for drafted in (1, 4, 7):
+            chosen = Scheduler("auto", sps=sps, acceptance=model).verify_count(drafted, None, match)
+            rates = [expected_rate(model, match, n, sps) for n in range(drafted + 1)]
+            assert chosen == max(range(drafted + 1), key=rates.__getitem__)
+    # Concretely: a 1-token match is never worth a pass on SmolLM2; in bfloat16, where every verified token
+    # costs, a 2-token match is not either and long matches verify 4; float32 verifies deep, almost for free.
+    fp32 = Scheduler("auto", sps=SMOLLM2_FP32, acceptance=lookup_counts())
+    bf16 = Scheduler("auto", sps=SMOLLM2_BF16, acceptance=lookup_counts())
+    assert [fp32.verify_count(10, None, m) for m in (1, 2, 8)] == [0, 9, 9]
+    assert [bf16.verify_count(10, None, m) for m in (1, 2, 3, 8)] == [0, 0, 2, 4]
+
+
+def test_learned_policy_looks_past_a_dip_in_the_expected_rate():
+    """Prompt lookup's first draft is its weakest: verifying one draft can lose while verifying many wins,
+    so the count is the full argmax, not the confidence path's stop-at-the-first-drop rule."""
+    model = lookup_counts()
+    rates = [expected_rate(model, 2, n, SMOLLM2_FP32) for n in range(11)]
+    assert rates[1] < rates[0] < max(rates)
+    assert Scheduler("auto", sps=SMOLLM2_FP32, acceptance=model).verify_count(10, None, 2) == rates.index(max(rates))
+
+
+def test_learned_policy_counts_each_tried_position_by_its_effective_match():
+    scheduler = Scheduler("auto", sps=CPU_LIKE)
+    scheduler.observe(None, 2, 5, 2)  # match 2, five verified, two accepted: positions 1-3 were tried
+    assert scheduler.acceptance.counts == {("match", 2): [1, 1], ("match", 3): [1, 1], ("match", 4): [0, 1]}
+    scheduler.observe(None, None, 3, 3)  # no match length (DFlash): by position
+    assert all(scheduler.acceptance.counts[("position", k)] == [1, 1] for k in (1, 2, 3))
+    scheduler.observe([0.9, 0.8], None, 2, 1)  # a drafter with confidences teaches nothing here
+    Scheduler("off", acceptance=scheduler.acceptance).observe(None, 7, 3, 0)  # nor does another mode
+    assert len(scheduler.acceptance.counts) == 6
+
+
+def test_learned_policy_starts_optimistic_and_keeps_exploring():
+    """A pessimistic estimate must not lock into never verifying: every 16th time a key is the first
+    position left unverified, it is verified anyway, so when drafts start being accepted it learns."""
+    scheduler = Scheduler("auto", sps=SMOLLM2_BF16)
+    assert scheduler.verify_count(10, None, 5) > 0  # unknown keys are worth a look
+    scheduler.acceptance.counts[("match", 1)] = [0, 64]  # a long run of rejections
+    counts = []
+    for _ in range(1500):
+        n = scheduler.verify_count(10, None, 1)
+        counts.append(n)
+        scheduler.observe(None, 1, n, n)  # the workload changed: now every draft is accepted
+    assert counts[:15] == [0] * 15 and counts[15] == 1  # explored while still pessimistic
+    assert min(counts[-100:]) >= 6  # and learned that verifying deep now pays
+    assert all(v <= scheduler.acceptance.memory for _, v in scheduler.acceptance.counts.values())
+
+
+def test_decode_learns_from_prompt_lookup_rounds_and_stays_lossless(tiny_target):
+    """The decode loop feeds every verified prompt lookup round back, and the count it verifies is the
+    scheduler's (decided before the target runs); the output is the plain greedy one."""
+    prompt = [7, 8, 9, 10, 11] * 4
+    tiny_target.rewind(0)
+    plain = [t for s in Engine(tiny_target).generate(prompt, max_new_tokens=30, speculative=False) for t in s.token_ids]
+    scheduler = Scheduler("auto", sps=GPU_LIKE)
+    engine = Engine(tiny_target, PromptLookupDrafter(), scheduler)
+    tiny_target.rewind(0)
+    steps = list(engine.generate(prompt, max_new_tokens=30))
+    assert [t for s in steps for t in s.token_ids] == plain
+    verified = sum(s.verified for s in steps)
+    assert verified and sum(v for _, v in scheduler.acceptance.counts.values()) >= sum(
+        1 for s in steps[1:] if s.verified)
+
+
+# --- the SPS profile -----------------------------------------------------------------------------
+
+class TimedTarget:
+    """A stand-in target whose passes take the time `cost(tokens, call)` on a fake clock."""
+
+    def __init__(self, cost, monkeypatch, name="fake"):
+        self.cost, self.calls, self.now = cost, 0, 0.0
+        self.name, self.vocab_size, self.device, self.dtype = name, 100, torch.device("cpu"), torch.float32
+        monkeypatch.setattr(scheduler_module, "clock", lambda: self.now)
+
+    def rewind(self, length):
+        pass
+
+    def forward(self, ids, feature_layers=(), last_only=False):
+        self.calls += 1
+        self.now += self.cost(len(ids), self.calls)
+        return None, None
+
+
+def quiet(tokens, call):
+    return 0.07 + 0.01 * tokens
+
+
+def test_sps_profile_is_measured_once_and_cached(monkeypatch, tmp_path):
+    target = TimedTarget(quiet, monkeypatch)
+    profile = sps_profile(target, 8, tmp_path)
+    assert profile == pytest.approx([1 / quiet(b, 0) for b in range(1, 9)])
+    [cached] = (tmp_path / "sps").glob("*.json")
+    saved = json.loads(cached.read_text())
+    assert saved["sps"] == profile and saved["key"][0] == target.name
+    saved["sps"] = [1.0] * 8
+    cached.write_text(json.dumps(saved))
+    calls = target.calls
+    assert sps_profile(target, 8, tmp_path) == [1.0] * 8  # read back, not measured again
+    assert target.calls == calls
+    saved["sps"] = [5.0, 2.0, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # cached by an older version on a busy machine
+    cached.write_text(json.dumps(saved))
+    assert sps_profile(target, 8, tmp_path) == pytest.approx(profile)  # measured again
+    assert json.loads(cached.read_text())["sps"] == pytest.approx(profile)
+
+
+def test_a_disturbed_measurement_is_retaken_and_cached_once_it_is_sound(monkeypatch, tmp_path, capsys):
+    # The first measurement (64-token context, then 6 sweeps over B = 1..8) shares the machine: every
+    # third pass takes three times as long.
+    first = 1 + 6 * 8
+    target = TimedTarget(lambda b, call: quiet(b, call) * (3 if call <= first and call % 3 == 0 else 1), monkeypatch)
+    profile = sps_profile(target, 8, tmp_path)
+    assert profile == pytest.approx([1 / quiet(b, 0) for b in range(1, 9)])
+    assert target.calls == 2 * first and len(list((tmp_path / "sps").glob("*.json"))) == 1
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("kind", ["spread", "shape"])
+def test_a_measurement_that_stays_disturbed_is_used_for_this_run_only(kind, monkeypatch, tmp_path, capsys):
+    if kind == "spread":  # contention all along: every third pass is slow
+        cost = lambda b, call: quiet(b, call) * (3 if call % 3 == 0 else 1)  # noqa: E731
+    else:  # steady but implausible: a pass over 2 tokens takes longer than one over 5
+        cost = lambda b, call: quiet(b, call) + (0.1 if b == 2 else 0)  # noqa: E731
+    target = TimedTarget(cost, monkeypatch)
+    profile = sps_profile(target, 8, tmp_path)
+    assert len(profile) == 8 and all(v > 0 for v in profile)
+    assert not (tmp_path / "sps").exists() or not list((tmp_path / "sps").glob("*.json"))
+    assert target.calls == 3 * (1 + 6 * 8)  # three attempts
+    err = capsys.readouterr().err
+    assert "looks disturbed" in err and "not caching" in err
+    if kind == "spread":
+        # the median of each B is the quiet time in every attempt: the profile is still right
+        assert profile == pytest.approx([1 / quiet(b, 0) for b in range(1, 9)])
+
+
+def test_disturbance_accepts_real_quiet_profiles_and_flags_busy_ones():
+    def times(sps, jitter=0.02):
+        return [[1 / v, 1 / v * (1 + jitter), 1 / v * (1 - jitter / 2)] for v in sps]
+    assert disturbance(times(SMOLLM2_FP32)) is None  # its steps up (B=5 is 17% faster than B=4) are real
+    assert disturbance(times(SMOLLM2_BF16)) is None
+    busy = [5.82, 2.56, 0.96, 1.40, 2.45, 2.70, 0.39, 1.94]  # SmolLM2 float32 as once cached on a busy machine
+    assert "faster than a smaller B" in disturbance(times(busy))
+    assert "differ by" in disturbance(times(SMOLLM2_BF16, jitter=0.5))
 
 
 def test_calibration_temperatures_change_the_confidences(tmp_path):
@@ -74,17 +245,6 @@ def test_unknown_mode_is_refused():
         Scheduler("fast")
 
 
-def test_sps_profile_is_measured_once_and_cached(tiny_target, tmp_path):
-    profile = sps_profile(tiny_target, 8, tmp_path)
-    assert len(profile) == 8 and all(v > 0 for v in profile)
-    [cached] = (tmp_path / "sps").glob("*.json")
-    saved = json.loads(cached.read_text())
-    assert saved["sps"] == profile and saved["key"][0] == tiny_target.name
-    saved["sps"] = [1.0] * 8
-    cached.write_text(json.dumps(saved))
-    assert sps_profile(tiny_target, 8, tmp_path) == [1.0] * 8  # read back, not measured again
-
-
 def test_engine_profiles_for_auto_and_a_request_can_switch_modes(tiny_target, monkeypatch, tmp_path):
     monkeypatch.setattr("dspark_chat.engine.engine.cache_dir", lambda: tmp_path)
     drafter = load_drafter(str(REFERENCE / "dspark"), tiny_target)
@@ -94,3 +254,10 @@ def test_engine_profiles_for_auto_and_a_request_can_switch_modes(tiny_target, mo
     assert engine.scheduler.mode == "auto"
     steps = list(engine.generate([5, 6, 7, 8], max_new_tokens=12, scheduler="threshold", threshold=1.0))
     assert all(s.verified == 0 for s in steps)  # nothing is confident enough: plain decoding, same text
+
+
+def test_engine_profiles_for_auto_with_prompt_lookup_too(tiny_target, monkeypatch, tmp_path):
+    monkeypatch.setattr("dspark_chat.engine.engine.cache_dir", lambda: tmp_path)
+    engine = Engine(tiny_target, PromptLookupDrafter(), Scheduler("auto"))
+    assert len(engine.scheduler_for().sps) == 11  # B = 1..block + 1
+    assert Engine(tiny_target, None, Scheduler("auto")).scheduler_for().sps is None  # no drafter: no profile
