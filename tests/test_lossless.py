@@ -83,16 +83,16 @@ def test_greedy_identity_for_prompt_lookup_under_the_learned_auto_policy(tiny_ta
     scheduler = Scheduler("auto", sps=smollm2_fp32)
     g = torch.Generator().manual_seed(3)
     all_prompts = prompts(reference) + [torch.randint(4, 40, (n,), generator=g).tolist() for n in (8, 15, 30, 60)] * 2
+    schedules = [[10, 0, 3, 10, 1, 7, 0, 10], [0] * 6 + [2], [10]]  # greedy tokens forced per round
     verified = []
     for i, prompt in enumerate(all_prompts):
         baseline = generated(tiny_target, None, prompt, max_new_tokens=48)
-        drafter = SteeredLookup(len(prompt), baseline + [0] * 10, [[10, 0, 3, 10, 1, 7, 0, 10], [0] * 6 + [2], [10]][i % 3])
+        drafter = SteeredLookup(len(prompt), baseline + [0] * 10, schedules[i % 3])
         tiny_target.rewind(0)
         steps = list(decode(tiny_target, drafter, prompt, Sampling(), 48, scheduler))
         assert [t for s in steps for t in s.token_ids] == baseline
         verified += [s.verified for s in steps[1:] if s.draft_ids]
-    # The policy did vary the count, from verifying nothing to verifying whole proposals.
-    print(sorted(__import__("collections").Counter(verified).items()))
+    # The policy did vary the count (on this run: from none to all ten).
     assert len(set(verified)) >= 2
 
 
@@ -215,7 +215,8 @@ def test_prompt_lookup_sampling_under_the_learned_policy_matches_target_distribu
     exact = exact_distribution(target, prefix, length, sampling)
     scheduler = Scheduler("auto", sps=[100.0, 70.0, 60.0, 52.0, 46.0, 42.0])  # one scheduler learns over all runs
     verified = []
-    counts = sampled_counts(target, PromptLookupDrafter(block_size=5), prefix, length, sampling, runs, scheduler, verified)
+    drafter = PromptLookupDrafter(block_size=5)
+    counts = sampled_counts(target, drafter, prefix, length, sampling, runs, scheduler, verified)
     assert chi_square_pvalue(counts, exact, runs) > 1e-3
     assert len(set(verified)) >= 3  # the count did vary
 

@@ -12,7 +12,6 @@ import dspark_chat.engine.scheduler as scheduler_module
 from dspark_chat.engine.engine import Engine
 from dspark_chat.engine.loading import load_drafter
 from dspark_chat.engine.prompt_lookup import PromptLookupDrafter
-from dspark_chat.engine.sampling import Sampling
 from dspark_chat.engine.scheduler import AcceptanceModel, Scheduler, disturbance, load_calibration, sps_profile
 
 from .conftest import REFERENCE
