@@ -31,7 +31,7 @@ from .history import Conversation, History, HistoryError
 DEFAULT_SETTINGS = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 512, "block_size": None, "scheduler": "auto",
                     "speculative": True, "seed": None}
 READY = ("yes", "built in")  # `downloaded` values of a pair that needs no download
-REDRAW_S = 0.1  # streamed text and live statistics are redrawn at most this often
+REDRAW_S = 0.25  # streamed text and live statistics are redrawn at most this often: a layout pass costs ~30 ms
 
 
 class PacedStream:
