@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dspark_chat.kernels.markov import HEAD_KINDS
 
+from . import cpu_linear
 from .dspark import DSparkDrafter
 from .dspark_gemma4 import Gemma4DSparkDrafter
 from .target import Target
@@ -129,7 +130,7 @@ def load_target(spec: str, dtype: str = "auto", device: str | None = None, place
         if callable(placement):
             placement = placement(AutoConfig.from_pretrained(folder))
         model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, **({"dtype": torch_dtype} | placement))
-    return Target(model, tokenizer, spec)
+    return Target(model, tokenizer, spec, cpu_linear.speed_up(model, cache_dir()))
 
 
 def load_drafter(spec: str, target: Target) -> DSparkDrafter:

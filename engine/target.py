@@ -8,8 +8,9 @@ from transformers import DynamicCache
 
 
 class Target:
-    def __init__(self, model, tokenizer, name: str):
+    def __init__(self, model, tokenizer, name: str, cpu_linear: dict | None = None):
         self.model = model.eval()
+        self.cpu_linear = cpu_linear or {}  # how its CPU matrix products run (engine/cpu_linear.py)
         self.tokenizer = tokenizer
         self.name = name
         text_config = model.config.get_text_config()
