@@ -389,6 +389,18 @@ license = "MIT"
     assert listed["qwen3-4b-dspark"]["downloaded"] == "no"
 
 
+def test_models_piped_into_a_reader_that_stops_early_is_not_an_error(tmp_path):
+    """`dspark-chat models --json | head -c 10`: the reader closes the pipe; no traceback, exit 0."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env |= {"HF_HUB_CACHE": str(tmp_path / "cache"), "XDG_CONFIG_HOME": str(tmp_path / "config"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dspark_chat.engine", "models", "--json"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(10)
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 0
+    assert "Traceback" not in proc.stderr.read().decode()
+
+
 def test_a_pair_that_cannot_fit_is_refused_before_any_download(hub, tmp_path):
     result = run(tmp_path, "pull", "qwen3-14b-dspark", "--device-map", "cpu", "--max-memory", "cpu=8GiB", endpoint=hub.url)
     assert result.returncode == 2
