@@ -26,6 +26,7 @@ from torch import nn
 
 MAX_ROWS = 17  # the longest verify pass the engine runs: a block of 16 drafts and its anchor
 FASTER_BY = 0.1  # keep torch's own product unless the other way is at least this much faster
+MIN_WEIGHTS = 1 << 18  # smaller matrices cost microseconds either way: measuring them would only pick noise
 
 
 def _transposed_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +112,7 @@ def _plain_cpu_linear(m: nn.Module) -> bool:
     # Exactly nn.Linear: quantised layers (bitsandbytes) subclass it but hold packed weights. Layers
     # accelerate dispatched have a hooked forward of their own, which must stay.
     return (type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype.is_floating_point
-            and not hasattr(m, "_hf_hook"))
+            and m.weight.numel() >= MIN_WEIGHTS and not hasattr(m, "_hf_hook"))
 
 
 def _cpu_name() -> str:

@@ -13,6 +13,11 @@ from dspark_chat.engine.decode import decode
 from dspark_chat.engine.prompt_lookup import PromptLookupDrafter
 
 
+@pytest.fixture(autouse=True)
+def small_matrices_count(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHTS", 0)
+
+
 def test_transposed_product_matches_linear_and_trains():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 32, bias=False))
@@ -64,6 +69,8 @@ def test_quantised_and_offloaded_layers_are_left_alone(tmp_path, monkeypatch):
     model = nn.Sequential(PackedLinear(8, 8), offloaded, dispatched)
     assert cpu_linear.speed_up(model, tmp_path) == {}
     assert not any(hasattr(m, "transposed_rows") for m in model)
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHTS", 65)  # too small to be worth measuring: 8 x 8 is
+    assert cpu_linear.speed_up(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 16)), tmp_path) == {"16x8:float32": [2]}
 
 
 def test_measure_reports_row_counts_in_range():
