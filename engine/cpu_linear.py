@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import statistics
 import time
 import types
 from pathlib import Path
@@ -39,14 +38,18 @@ def _transposed_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out.contiguous().view(*x.shape[:-1], out.shape[-1])
 
 
-def _median_seconds(run, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _fastest_seconds(runs, repeats: int) -> list[float]:
+    """Each run's fastest time over `repeats` interleaved rounds: other work on the machine only ever
+    adds time, so the minimum is the least disturbed estimate, and interleaving spreads a busy moment
+    over both ways rather than landing on one."""
+    best = [float("inf")] * len(runs)
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for i, run in enumerate(runs):
+            start = time.perf_counter()
+            run()
+            if round_:
+                best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def measure(weight: torch.Tensor, max_rows: int = MAX_ROWS, repeats: int = 5) -> list[int]:
@@ -56,8 +59,7 @@ def measure(weight: torch.Tensor, max_rows: int = MAX_ROWS, repeats: int = 5) ->
     for rows in range(2, max_rows + 1):
         x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
         with torch.inference_mode():
-            plain = _median_seconds(lambda: F.linear(x, w), repeats)
-            swapped = _median_seconds(lambda: torch.mm(w, x.t()).t().contiguous(), repeats)
+            plain, swapped = _fastest_seconds([lambda: F.linear(x, w), lambda: torch.mm(w, x.t()).t().contiguous()], repeats)
         if swapped < plain * (1 - FASTER_BY):
             faster.append(rows)
     return faster

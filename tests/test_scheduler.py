@@ -21,6 +21,7 @@ GPU_LIKE = [100.0, 99.0, 98.5, 98.0, 97.5, 97.0, 96.5, 96.0]  # verifying 8 toke
 CPU_LIKE = [100.0, 70.0, 52.0, 42.0, 35.0, 30.0, 26.0, 23.0]  # each extra token costs
 # SmolLM2-135M on 2 cores, measured on a quiet machine: verify passes per second for B = 1..12.
 SMOLLM2_FP32 = [13.8, 8.5, 6.6, 6.6, 7.7, 7.2, 6.7, 7.0, 6.7, 7.4, 6.3, 7.1]
+SMOLLM2_FP32_TRANSPOSED = [17.8, 13.5, 12.3, 18.6, 15.5, 13.8, 12.1, 13.4, 11.8, 10.9, 10.5, 10.5, 9.5, 9.5, 9.1, 10.8, 9.1]
 SMOLLM2_BF16 = [29.2, 20.4, 15.2, 12.0, 10.2, 8.9, 7.7, 7.0, 6.4, 5.8, 5.3, 4.9]
 
 
@@ -180,7 +181,7 @@ def test_sps_profile_is_measured_once_and_cached(monkeypatch, tmp_path):
     calls = target.calls
     assert sps_profile(target, 8, tmp_path) == [1.0] * 8  # read back, not measured again
     assert target.calls == calls
-    saved["sps"] = [5.0, 2.0, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # cached by an older version on a busy machine
+    saved["sps"] = [5.0, 1.5, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # cached by an older version on a busy machine
     cached.write_text(json.dumps(saved))
     assert sps_profile(target, 8, tmp_path) == pytest.approx(profile)  # measured again
     assert json.loads(cached.read_text())["sps"] == pytest.approx(profile)
@@ -201,8 +202,8 @@ def test_a_disturbed_measurement_is_retaken_and_cached_once_it_is_sound(monkeypa
 def test_a_measurement_that_stays_disturbed_is_used_for_this_run_only(kind, monkeypatch, tmp_path, capsys):
     if kind == "spread":  # contention all along: every third pass is slow
         cost = lambda b, call: quiet(b, call) * (3 if call % 3 == 0 else 1)  # noqa: E731
-    else:  # steady but implausible: a pass over 2 tokens takes longer than one over 5
-        cost = lambda b, call: quiet(b, call) + (0.1 if b == 2 else 0)  # noqa: E731
+    else:  # steady but implausible: a pass over 2 tokens takes three times as long as one over 5
+        cost = lambda b, call: quiet(b, call) + (0.3 if b == 2 else 0)  # noqa: E731
     target = TimedTarget(cost, monkeypatch)
     profile = sps_profile(target, 8, tmp_path)
     assert len(profile) == 8 and all(v > 0 for v in profile)
@@ -220,6 +221,7 @@ def test_disturbance_accepts_real_quiet_profiles_and_flags_busy_ones():
         return [[1 / v, 1 / v * (1 + jitter), 1 / v * (1 - jitter / 2)] for v in sps]
     assert disturbance(times(SMOLLM2_FP32)) is None  # its steps up (B=5 is 17% faster than B=4) are real
     assert disturbance(times(SMOLLM2_BF16)) is None
+    assert disturbance(times(SMOLLM2_FP32_TRANSPOSED)) is None  # B=4 51% faster than B=3: real too
     busy = [5.82, 2.56, 0.96, 1.40, 2.45, 2.70, 0.39, 1.94]  # SmolLM2 float32 as once cached on a busy machine
     assert "faster than a smaller B" in disturbance(times(busy))
     assert "differ by" in disturbance(times(SMOLLM2_BF16, jitter=0.5))
