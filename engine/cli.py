@@ -89,6 +89,8 @@ def _add_train_command(commands) -> None:
     t.add_argument("--markov-rank", type=int, default=32, help="Markov head rank, 0 for none (default 32)")
     t.add_argument("--markov-head", choices=["vanilla", "gated", "rnn"], default="vanilla")
     t.add_argument("--target-layers", type=lambda v: [int(i) for i in v.split(",")], help="e.g. 1,10,19,28 (default: 4 evenly spaced, never the last)")
+    t.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                   help="draft only among the N tokens the target's answers use most: a cheaper LM head (default 0: the whole vocabulary)")
     t.add_argument("--mask-token-id", type=int, help="default: the tokenizer's mask, else unk, else pad token")
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warm-up, then cosine decay)")

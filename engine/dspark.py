@@ -19,6 +19,8 @@ from dspark_chat.kernels.markov import markov_draft
 
 from .sampling import Proposal, Sampling
 
+DRAFT_VOCAB_FILE = "draft_vocab.json"  # optional, beside config.json: the token ids a drafter drafts among
+
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
@@ -82,8 +84,11 @@ class MarkovHead(nn.Module):
         if self.kind == "rnn":
             self.joint_proj = nn.Linear(2 * rank + d, 3 * rank)
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        w = {"w1": self.markov_w1.weight, "w2": self.markov_w2.weight}
+    def weights(self, vocab: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The head's tensors; with a draft vocabulary, W2 keeps only its tokens' rows (W1 is indexed by
+        the previous token, which may be any token of the target's)."""
+        w2 = self.markov_w2.weight if vocab is None else self.markov_w2.weight[vocab]
+        w = {"w1": self.markov_w1.weight, "w2": w2}
         if self.kind == "gated":
             w |= {"gate_w": self.gate_proj.weight, "gate_b": self.gate_proj.bias}
         if self.kind == "rnn":
@@ -119,7 +124,12 @@ class DSparkDrafter(nn.Module):
         return nn.Embedding(config.vocab_size, config.hidden_size)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return self.output_head(hidden)
+
+    @property
+    def output_head(self) -> nn.Module:
+        """The LM head over the draft vocabulary, or the target's whole head when there is none."""
+        return self.lm_head if self.draft_head is None else self.draft_head
 
     def __init__(self, config: Qwen3Config, embed_tokens: nn.Embedding | None = None, lm_head: nn.Linear | None = None):
         super().__init__()
@@ -143,7 +153,21 @@ class DSparkDrafter(nn.Module):
         if getattr(config, "enable_confidence_head", False):
             self.confidence_with_markov = bool(getattr(config, "confidence_head_with_markov", False))
             self.confidence_head = ConfidenceHead(d + (rank if self.confidence_with_markov else 0))
+        self.draft_vocab: torch.Tensor | None = None
+        self.draft_head: nn.Linear | None = None
         self.rewind(0)
+
+    def use_draft_vocab(self, ids: torch.Tensor) -> None:
+        """Draft only among these token ids (ascending): the LM head and the Markov head's output shrink
+        to their rows, which makes drafting cheaper where the head dominates it (a 49152-way head over 7
+        positions on a CPU). Losslessness does not depend on it: verification sees the drafted tokens and,
+        when sampling, the distribution they were drawn from, zero outside the draft vocabulary."""
+        weight = self.lm_head.weight
+        self.draft_vocab = ids.to(self.device, torch.long)
+        self.draft_head = nn.Linear(weight.shape[1], len(ids), bias=False, device=self.device, dtype=self.fc.weight.dtype)
+        with torch.no_grad():
+            self.draft_head.weight.copy_(weight.detach()[ids.to(weight.device)])
+        self.draft_head.requires_grad_(False)
 
     # --- the sequence state -------------------------------------------------------------------
     def rewind(self, length: int) -> int:
@@ -184,13 +208,17 @@ class DSparkDrafter(nn.Module):
         hidden = self.backbone(ids[-1])[:n]
         base_logits = self.logits(hidden)
         anchor = ids[-1].to(self.device)
+        vocab = self.draft_vocab
         if self.markov_head is None:
             tokens, probs = sampling.pick(base_logits, generator)
+            tokens = tokens if vocab is None else vocab[tokens]
         else:
             tokens, _, probs = markov_draft(
-                base_logits, hidden, anchor, self.markov_head.kind, self.markov_head.weights(),
-                sampling.temperature, sampling.top_k, sampling.top_p, generator,
+                base_logits, hidden, anchor, self.markov_head.kind, self.markov_head.weights(vocab),
+                sampling.temperature, sampling.top_k, sampling.top_p, generator, vocab,
             )
+        if probs is not None and vocab is not None:  # the acceptance rule compares with the target's whole vocabulary
+            probs = probs.new_zeros(probs.shape[0], self.config.vocab_size).index_copy_(1, vocab, probs)
         confidence = None
         if self.confidence_head is not None:
             features = hidden

@@ -179,6 +179,6 @@ class Gemma4DSparkDrafter(DSparkDrafter):
         return ScaledEmbedding(config.vocab_size, config.hidden_size)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
+        logits = self.output_head(hidden)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from dspark_chat.kernels.markov import HEAD_KINDS
 
 from . import cpu_linear
-from .dspark import DSparkDrafter
+from .dspark import DRAFT_VOCAB_FILE, DSparkDrafter
 from .dspark_gemma4 import Gemma4DSparkDrafter
 from .target import Target
 
@@ -196,7 +196,25 @@ def load_drafter(spec: str, target: Target) -> DSparkDrafter:
     device = (head or embed).weight.device
     drafter.load_state_dict({k: v.to(device, target.dtype) for k, v in state.items()}, strict=False, assign=True)
     drafter.rotary_emb = type(drafter.rotary_emb)(config).to(device)  # frequencies are computed, not stored
+    if (folder / DRAFT_VOCAB_FILE).is_file():
+        drafter.use_draft_vocab(read_draft_vocab(folder / DRAFT_VOCAB_FILE, target.vocab_size))
+    cpu_linear.speed_up(drafter, cache_dir())  # a block's rows meet the same slow products as a verify pass
     return drafter.eval()
+
+
+def read_draft_vocab(path: Path, vocab_size: int) -> torch.Tensor:
+    """The token ids of a drafter's draft vocabulary: {"ids": [ascending ids]}, written by `dspark-chat train
+    --draft-vocab`. Not part of DeepSpec's layout, which drafts over the whole vocabulary."""
+    try:
+        ids = json.loads(path.read_text())["ids"]
+        if not ids or not all(type(i) is int for i in ids):
+            raise ValueError("'ids' must be a non-empty list of token ids")
+    except (ValueError, KeyError, TypeError) as e:
+        raise LoadError(f"{path}: not a draft vocabulary ({e}); delete it to draft over the whole vocabulary") from e
+    if any(b <= a for a, b in zip(ids, ids[1:])) or ids[0] < 0 or ids[-1] >= vocab_size:
+        raise LoadError(f"{path}: ids must be ascending, distinct and below the vocabulary size {vocab_size}; "
+                        "delete it to draft over the whole vocabulary")
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def _same(saved: torch.Tensor | None, held: torch.Tensor) -> bool:

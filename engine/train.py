@@ -10,6 +10,10 @@
    before its anchor and to itself (DeepSpec's create_dspark_attention_mask), so the weights trained
    here are the weights inference runs. Loss as DeepSpec's: 0.1 CE + 0.9 L1(draft, target) + 1.0
    BCE(confidence, 1 - TV), position k weighted by exp(-k / 4); the Markov head is teacher-forced.
+   With --draft-vocab N the drafter drafts among the N tokens the answers use most (an extension of
+   DeepSpec's layout: draft_vocab.json beside the weights); the L1 term stays the whole vocabulary's,
+   the draft being 0 outside its vocabulary, and the target's log-normaliser is computed once per
+   position, so a step computes logits over the draft vocabulary only.
 3. Checkpoints (resumable) and the DeepSpec-layout drafter are written every --save-every steps;
    at the end the confidence head is calibrated (engine/calibrate.py) on held-out rounds.
 """
@@ -33,7 +37,7 @@ from safetensors.torch import save_file
 from dspark_chat.kernels.markov import markov_bias
 
 from . import calibrate
-from .dspark import DSparkDrafter
+from .dspark import DRAFT_VOCAB_FILE, DSparkDrafter
 from .target import Target
 
 CE_WEIGHT, L1_WEIGHT, CONFIDENCE_WEIGHT, DECAY = 0.1, 0.9, 1.0, 4.0  # DeepSpec's released configs
@@ -48,6 +52,7 @@ class Sequence:
     features: torch.Tensor  # [L - 1, len(layers) * d]: the target's hidden states at the drafter's layers
     last: torch.Tensor  # [L - 1, d]: the target's final (post-norm) hidden state; logits = lm_head(last)
     holdout: bool
+    lse: torch.Tensor | None = None  # [L - 1]: log-sum-exp of those logits, computed the first time it is drawn
 
 
 def read_prompts(paths: list[str]) -> list[list[str]]:
@@ -213,8 +218,47 @@ def new_drafter(config: dict, target: Target, seed: int) -> DSparkDrafter:
 
 
 def trainable(drafter: DSparkDrafter) -> dict[str, torch.nn.Parameter]:
-    """Everything but the frozen embeddings and LM head, which belong to the target."""
-    return {n: p for n, p in drafter.named_parameters() if not n.startswith(("embed_tokens.", "lm_head."))}
+    """Everything but the frozen embeddings and LM head (and its draft-vocabulary rows): the target's."""
+    return {n: p for n, p in drafter.named_parameters() if not n.startswith(("embed_tokens.", "lm_head.", "draft_head."))}
+
+
+def choose_draft_vocab(sequences: list[Sequence], size: int, vocab_size: int, keep: tuple[int, ...]) -> torch.Tensor | None:
+    """The `size` tokens the target writes most often in these answers (ties to the lower id), always
+    with the `keep` tokens (the stop tokens); ascending. None when that is the whole vocabulary."""
+    if size <= 0 or size >= vocab_size:
+        return None
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for seq in sequences:
+        counts += torch.bincount(seq.ids[seq.prompt_len :], minlength=vocab_size)
+    counts[list(keep)] = counts.max() + 1
+    return torch.argsort(counts, descending=True, stable=True)[:size].sort().values
+
+
+def vocab_coverage(vocab: torch.Tensor | None, sequences: list[Sequence]) -> float:
+    """The share of the answers' tokens that are in the draft vocabulary."""
+    answers = torch.cat([seq.ids[seq.prompt_len :] for seq in sequences])
+    return 1.0 if vocab is None else float(torch.isin(answers, vocab).float().mean())
+
+
+def in_draft_vocab(drafter: DSparkDrafter, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's column in the drafter's logits, and whether it has one (0 where it has not)."""
+    vocab = drafter.draft_vocab
+    if vocab is None:
+        return token_ids, torch.ones_like(token_ids, dtype=torch.bool)
+    column = torch.searchsorted(vocab, token_ids).clamp_max(len(vocab) - 1)
+    known = vocab[column] == token_ids
+    return column * known, known
+
+
+@torch.no_grad()
+def with_lse(sequences: list[Sequence], head: torch.nn.Module, chunk: int = 256) -> None:
+    """The target's log-normaliser at every position of each answer, once: afterwards a step needs the
+    target's logits over the draft vocabulary only (its whole head over every block was most of a step)."""
+    weight = head.weight
+    for seq in sequences:
+        if seq.lse is None:
+            seq.lse = torch.cat([torch.logsumexp(head(rows.to(weight.device, weight.dtype)).float(), -1).cpu()
+                                 for rows in seq.last.split(chunk)])
 
 
 def block_hidden(drafter: DSparkDrafter, features: torch.Tensor, block_ids: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
@@ -271,14 +315,20 @@ class Batch:
     labels: torch.Tensor  # [S, A, g]: the token each block position must predict
     valid: torch.Tensor  # [S, A, g]: label inside the answer, and every label before it too
     last: torch.Tensor  # [S, A, g, d]: the target's final hidden state that predicted each label
+    lse: torch.Tensor  # [S, A, g]: the log-sum-exp of the target's logits there (zeros when not asked for)
 
 
-def make_batch(sequences: list[Sequence], anchors: list[list[int]], block_size: int, mask_token_id: int, device) -> Batch:
-    """Blocks at the given anchor positions (each in the answer, before its last token)."""
+def make_batch(sequences: list[Sequence], anchors: list[list[int]], block_size: int, mask_token_id: int, device,
+               head: torch.nn.Module | None = None) -> Batch:
+    """Blocks at the given anchor positions (each in the answer, before its last token); with the
+    target's head, also the log-normalisers of its distributions (for the loss)."""
+    if head is not None:
+        with_lse(sequences, head)
     S, A, g = len(sequences), max(len(a) for a in anchors), block_size
     C = max(s.features.shape[0] for s in sequences)
     features = torch.zeros(S, C, sequences[0].features.shape[1], dtype=torch.bfloat16)
     last = torch.zeros(S, A, g, sequences[0].last.shape[1], dtype=torch.bfloat16)
+    lse = torch.zeros(S, A, g)
     block_ids = torch.full((S, A, g), mask_token_id, dtype=torch.long)
     labels = torch.zeros(S, A, g, dtype=torch.long)
     valid = torch.zeros(S, A, g, dtype=torch.bool)
@@ -293,25 +343,29 @@ def make_batch(sequences: list[Sequence], anchors: list[list[int]], block_size: 
             labels[s, a, : len(span)] = seq.ids[span]
             valid[s, a, : len(span)] = True
             last[s, a, : len(span)] = seq.last[span - 1]
-    return Batch(features.to(device), block_ids.to(device), positions.to(device), labels.to(device), valid.to(device), last.to(device))
+            if seq.lse is not None:
+                lse[s, a, : len(span)] = seq.lse[span - 1]
+    return Batch(features.to(device), block_ids.to(device), positions.to(device), labels.to(device), valid.to(device),
+                 last.to(device), lse.to(device))
 
 
 def draft_outputs(drafter: DSparkDrafter, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Teacher-forced draft logits [S, A, g, V] (the Markov head sees the true previous token) and
-    confidence logits [S, A, g]."""
+    confidence logits [S, A, g]. With a draft vocabulary, V is its size and column j is its j-th token."""
     hidden = block_hidden(drafter, batch.features, batch.block_ids, batch.anchors)
-    logits = drafter.lm_head(hidden)
+    logits = drafter.logits(hidden)
     prev = torch.cat([batch.block_ids[..., :1], batch.labels[..., :-1]], -1)
     head = drafter.markov_head
     if head is not None:
+        weights = head.weights(drafter.draft_vocab)
         if head.kind == "rnn":  # a recurrent state: one position after another
             state, biases = None, []
             for k in range(prev.shape[-1]):
-                bias, state = markov_bias(head.kind, head.weights(), prev[..., k], hidden[..., k, :], state)
+                bias, state = markov_bias(head.kind, weights, prev[..., k], hidden[..., k, :], state)
                 biases.append(bias)
             logits = logits + torch.stack(biases, -2)
         else:
-            logits = logits + markov_bias(head.kind, head.weights(), prev, hidden, None)[0]
+            logits = logits + markov_bias(head.kind, weights, prev, hidden, None)[0]
     confidence = None
     if drafter.confidence_head is not None:
         feats = hidden
@@ -321,16 +375,19 @@ def draft_outputs(drafter: DSparkDrafter, batch: Batch) -> tuple[torch.Tensor, t
     return logits, confidence
 
 
-def dspark_loss(drafter: DSparkDrafter, target_head: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
+def dspark_loss(drafter: DSparkDrafter, batch: Batch) -> tuple[torch.Tensor, dict]:
+    """The batch must carry the log-normalisers (make_batch with the target's head)."""
     logits, confidence = draft_outputs(drafter, batch)
-    with torch.no_grad():
-        target_probs = torch.softmax(target_head(batch.last.to(logits.dtype)).float(), -1)
+    with torch.no_grad():  # the target's distribution over the draft vocabulary (the drafter shares its head rows)
+        target_probs = torch.exp(drafter.logits(batch.last.to(logits.dtype)).float() - batch.lse[..., None])
     weights = batch.valid.cumprod(-1).float() * torch.exp(-torch.arange(logits.shape[2], device=logits.device) / DECAY)
     total = weights.sum().clamp_min(1e-6)
     logp = torch.log_softmax(logits.float(), -1)
-    ce = -logp.gather(-1, batch.labels[..., None]).squeeze(-1)
+    column, known = in_draft_vocab(drafter, batch.labels)
+    ce = -logp.gather(-1, column[..., None]).squeeze(-1) * known  # a label outside the draft vocabulary cannot be drafted
     # DeepSpec's "l1" term is sum |p - q| = 2 TV; the confidence target is 1 - TV, the chance of acceptance.
-    l1 = (logp.exp() - target_probs).abs().sum(-1)
+    # The draft's q is 0 outside the draft vocabulary, so there |p - q| adds up to the target's mass left over.
+    l1 = (logp.exp() - target_probs).abs().sum(-1) + (1 - target_probs.sum(-1)).clamp_min(0)
     accept = (1 - 0.5 * l1.detach()).clamp(0, 1)
     terms = {"ce": (ce * weights).sum() / total, "l1": (l1 * weights).sum() / total}
     loss = CE_WEIGHT * terms["ce"] + L1_WEIGHT * terms["l1"]
@@ -366,7 +423,8 @@ def evaluate(drafter: DSparkDrafter, sequences: list[Sequence], anchors_per_seq:
         b = make_batch([s for s, _ in chunk], [a for _, a in chunk], g, drafter.mask_token_id, drafter.device)
         logits, confidence = draft_outputs(drafter, b)
         keep = b.valid.all(-1)  # rows padded for sequences with fewer anchors are dropped
-        matches.append((logits.argmax(-1) == b.labels)[keep])
+        drafts = logits.argmax(-1) if drafter.draft_vocab is None else drafter.draft_vocab[logits.argmax(-1)]
+        matches.append((drafts == b.labels)[keep])
         if confidence is not None:
             confidences.append(confidence.float()[keep])
     if not matches:
@@ -386,6 +444,12 @@ def save_drafter(drafter: DSparkDrafter, config: dict, out: Path, omit_embedding
         state["embed_tokens.weight"] = drafter.embed_tokens.weight.detach().cpu().contiguous()
         state["lm_head.weight"] = drafter.lm_head.weight.detach().cpu().clone().contiguous()  # may be tied to embed
     out.mkdir(parents=True, exist_ok=True)
+    vocab_file = out / DRAFT_VOCAB_FILE
+    if drafter.draft_vocab is None:
+        vocab_file.unlink(missing_ok=True)  # left by an earlier run into this folder: it would change this drafter
+    else:
+        (out / "draft_vocab.tmp").write_text(json.dumps({"ids": drafter.draft_vocab.tolist()}))
+        (out / "draft_vocab.tmp").replace(vocab_file)
     save_file(state, out / "model.safetensors.tmp", metadata={"format": "pt"})
     (out / "model.safetensors.tmp").replace(out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(config | {"torch_dtype": str(dtype).removeprefix("torch.")}, indent=2))
@@ -459,13 +523,20 @@ def _train(options, log) -> dict:
 
     config = drafter_config(target, options, layers)
     drafter = new_drafter(config, target, options.seed)
+    vocab = choose_draft_vocab(pool, options.draft_vocab, target.vocab_size, target.stop_ids)
+    coverage = {"train": vocab_coverage(vocab, pool), "held_out": vocab_coverage(vocab, held)}
+    if vocab is not None:
+        drafter.use_draft_vocab(vocab)
+        log(f"draft vocabulary: the {len(vocab)} tokens the answers use most cover {coverage['train']:.2%} of the "
+            f"training answers' tokens and {coverage['held_out']:.2%} of the held-out answers'")
     params = trainable(drafter)
     optimizer = torch.optim.AdamW(params.values(), lr=options.lr, weight_decay=0.0)
     checkpoint = out / "checkpoint"
     step, history = 0, {"eval": []}
     if (checkpoint / "state.json").is_file():
         saved = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
-        if {k: saved.get(k) for k in config} != config:
+        saved_vocab = json.loads((out / DRAFT_VOCAB_FILE).read_text())["ids"] if (out / DRAFT_VOCAB_FILE).is_file() else None
+        if {k: saved.get(k) for k in config} != config or saved_vocab != (None if vocab is None else vocab.tolist()):
             raise ValueError(f"{out} holds a run with another configuration: choose another --out or delete {checkpoint}")
         step, history = load_checkpoint(checkpoint, drafter, optimizer)
         log(f"resuming at step {step} from {checkpoint}")
@@ -493,10 +564,10 @@ def _train(options, log) -> dict:
         for seq in chosen:
             cands = anchor_candidates(seq, options.block_size, full=False)
             anchors.append(sorted(rng.sample(cands, min(options.anchors, len(cands)))))
-        batch = make_batch(chosen, anchors, options.block_size, drafter.mask_token_id, drafter.device)
+        batch = make_batch(chosen, anchors, options.block_size, drafter.mask_token_id, drafter.device, head)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, options.steps, options.lr)
-        loss, terms = dspark_loss(drafter, head, batch)
+        loss, terms = dspark_loss(drafter, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
@@ -521,7 +592,8 @@ def _train(options, log) -> dict:
     result = evaluate(drafter, held, anchors_per_seq=64, seed=options.seed + 1)
     report = calibrate.fit_and_write(result["confidence"], result["match"], out / "calibration.json")
     summary = {"step": step, "tau_before": history["eval"][0]["tau"], "tau_after": result["tau"],
-               "held_out_blocks": result["blocks"], "seconds": round(time.time() - started, 1), **report}
+               "held_out_blocks": result["blocks"], "seconds": round(time.time() - started, 1),
+               "draft_vocab": None if vocab is None else len(vocab), "draft_vocab_coverage": coverage, **report}
     (out / "training.json").write_text(json.dumps(summary | {"history": history}, indent=1))
     log(f"done: step {step}, held-out tau {summary['tau_before']:.3f} -> {summary['tau_after']:.3f}; "
         f"calibration ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}; wrote {out}")

@@ -45,10 +45,12 @@ def markov_draft(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    vocab: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Draft len(base_logits) tokens left to right.
 
-    base_logits [n, V], hidden [n, d], anchor: 0-d token id. Greedy when temperature is 0.
+    base_logits [n, V], hidden [n, d], anchor: 0-d token id. Greedy when temperature is 0. With a draft
+    vocabulary, column j of the logits (and of W2's output) is token vocab[j].
     Returns (tokens [n], corrected logits [n, V], draft probabilities [n, V] or None when greedy).
     """
     prev = anchor.reshape(())
@@ -63,6 +65,8 @@ def markov_draft(
             probs.append(step_probs)
         else:
             prev = step_logits.argmax(-1)
+        if vocab is not None:
+            prev = vocab[prev]
         tokens.append(prev)
         logits.append(step_logits)
     return torch.stack(tokens), torch.stack(logits), torch.stack(probs) if probs else None

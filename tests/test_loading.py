@@ -79,6 +79,14 @@ def test_missing_and_unexpected_weights_are_named(tiny_target, tmp_path):
         load_drafter(str(folder), tiny_target)
 
 
+@pytest.mark.parametrize("content", ['{"ids": []}', '{"ids": [5, 3]}', '{"ids": [1, 512]}', '{"ids": [1.5]}', '[1, 2]', "not json"])
+def test_a_bad_draft_vocabulary_is_refused_with_what_to_do(tiny_target, tmp_path, content):
+    folder = drafter_copy(tmp_path)
+    (folder / "draft_vocab.json").write_text(content)
+    with pytest.raises(LoadError, match="draft_vocab.json: .*delete it to draft over the whole vocabulary"):
+        load_drafter(str(folder), tiny_target)
+
+
 def test_pickle_weights_are_not_loaded(tiny_target, tmp_path):
     folder = drafter_copy(tmp_path)
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")

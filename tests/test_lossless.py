@@ -4,6 +4,7 @@ the target's distribution (with a test that a broken acceptance rule fails)."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from dspark_chat.engine.scheduler import Scheduler, measure_sps
 from dspark_chat.kernels.acceptance import accept_sampled
 from dspark_chat.kernels.sampling import sample, to_probs
 
-from .conftest import REFERENCE, Forcing, make_tiny_pair
+from .conftest import REFERENCE, Forcing, drafter_copy, make_tiny_pair
 
 
 def prompts(reference) -> list[list[int]]:
@@ -56,6 +57,29 @@ def test_greedy_speculative_equals_baseline(variant, mode, tiny_target, referenc
             # Rounds that accept 0..7 drafts exercise every rollback length of both caches.
             forcing = Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 7, 0, 5, 1, 6, 2, 4])
             assert generated(tiny_target, forcing, prompt, scheduler) == baseline
+
+
+def with_draft_vocab(folder, variant, ids):
+    """A copy of a reference drafter that drafts among `ids` only."""
+    out = drafter_copy(folder, variant)
+    (out / "draft_vocab.json").write_text(json.dumps({"ids": ids}))
+    return out
+
+
+@pytest.mark.parametrize("variant", ["dspark", "dspark_rnn", "dflash"])
+def test_greedy_identity_with_a_draft_vocabulary(variant, tiny_target, reference, profile, tmp_path):
+    vocab = list(range(1, 512, 3))
+    drafter = load_drafter(str(with_draft_vocab(tmp_path, variant, vocab)), tiny_target)
+    assert drafter.draft_vocab.tolist() == vocab and drafter.draft_head.weight.shape[0] == len(vocab)
+    for mode in ("off", "auto"):
+        scheduler = Scheduler(mode=mode, threshold=0.6, sps=profile)
+        for prompt in prompts(reference):
+            baseline = generated(tiny_target, None, prompt)
+            assert generated(tiny_target, drafter, prompt, scheduler) == baseline
+            forcing = Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 0, 5, 1])
+            assert generated(tiny_target, forcing, prompt, scheduler) == baseline
+            drafted = {t for block in forcing.own for t in block}
+            assert drafted and drafted <= set(vocab)
 
 
 class SteeredLookup(PromptLookupDrafter):
@@ -202,6 +226,23 @@ def test_speculative_sampling_matches_target_distribution(sampling, tmp_path, to
     monkeypatch.setattr(decode_module, "accept_sampled", broken_rule)
     counts = sampled_counts(target, drafter, prefix, length, sampling, runs)
     assert chi_square_pvalue(counts, exact, runs) < 1e-4
+
+
+@pytest.mark.parametrize("sampling", [Sampling(1.0), Sampling(0.7)], ids=["t1", "t0.7"])
+def test_sampling_with_a_draft_vocabulary_matches_target_distribution(sampling, tmp_path, tokenizer):
+    """The drafter never proposes token 1, so its q is 0 there: the target's share of token 1 must come
+    back through the residual distribution of rejected rounds."""
+    target_dir, drafter_dir = make_tiny_pair(tmp_path, tokenizer, vocab_size=4, block_size=4, markov_rank=4, std=0.8)
+    (drafter_dir / "draft_vocab.json").write_text(json.dumps({"ids": [0, 2, 3]}))
+    target = load_target(str(target_dir), "float32", "cpu")
+    target.stop_ids = ()
+    drafter = load_drafter(str(drafter_dir), target)
+    prefix, length, runs = [1, 3, 0], 3, 1000
+    exact = exact_distribution(target, prefix, length, sampling)
+    counts = sampled_counts(target, drafter, prefix, length, sampling, runs)
+    assert chi_square_pvalue(counts, exact, runs) > 1e-3
+    with_one = sum(p for seq, p in exact.items() if 1 in seq) * runs
+    assert with_one > 100 and sum(n for seq, n in counts.items() if 1 in seq) > with_one / 2
 
 
 @pytest.mark.parametrize("sampling", [Sampling(1.0), Sampling(0.7, top_k=3)], ids=["t1", "t0.7-topk3"])

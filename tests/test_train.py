@@ -16,7 +16,7 @@ from dspark_chat.engine import calibrate
 from dspark_chat.engine.cli import main as cli
 from dspark_chat.engine.decode import decode
 from dspark_chat.engine.loading import load_drafter, load_target
-from dspark_chat.engine.train import block_hidden
+from dspark_chat.engine.train import DECAY, Sequence, block_hidden, draft_outputs, dspark_loss, make_batch
 
 from .conftest import TRAINING_TEXT, make_tiny_pair
 
@@ -144,6 +144,49 @@ def test_training_forward_is_the_inference_backbone(trained, target):
         with torch.no_grad():
             single = drafter.backbone(ids[a])
         torch.testing.assert_close(batched[i], single, atol=1e-5, rtol=1e-5)
+
+
+def test_the_loss_over_a_draft_vocabulary_is_the_whole_loss_with_the_draft_zero_outside_it(trained, target):
+    drafter = load_drafter(str(trained[1]), target)
+    g = torch.Generator().manual_seed(5)
+    d, V = drafter.fc.weight.shape[0], target.vocab_size
+    sequences = [Sequence(torch.randint(4, V, (40,), generator=g), 8, torch.randn(39, drafter.fc.in_features, generator=g),
+                          torch.randn(39, d, generator=g), False) for _ in range(3)]
+    batch = make_batch(sequences, [[8, 20, 37], [10, 11, 30], [9, 25, 38]], drafter.block_size, drafter.mask_token_id,
+                       "cpu", drafter.lm_head)
+    vocab = torch.cat([torch.tensor(sorted(set(batch.labels.flatten().tolist())))[::2], torch.arange(4, V, 5)]).unique()
+    with torch.no_grad():
+        logits, _ = draft_outputs(drafter, batch)  # the whole vocabulary
+        outside = torch.ones(V, dtype=torch.bool)
+        outside[vocab] = False
+        logq = torch.log_softmax(logits.masked_fill(outside, float("-inf")), -1)
+        p = torch.softmax(drafter.lm_head(batch.last.float()), -1)
+        weights = batch.valid.cumprod(-1) * torch.exp(-torch.arange(drafter.block_size) / DECAY)
+        l1 = ((logq.exp() - p).abs().sum(-1) * weights).sum() / weights.sum()
+        known = ~outside[batch.labels]
+        ce = (-logq.gather(-1, batch.labels[..., None]).squeeze(-1).nan_to_num(0, 0, 0) * known * weights).sum() / weights.sum()
+        drafter.use_draft_vocab(vocab)
+        _, terms = dspark_loss(drafter, batch)
+    assert 0 < known.float().mean() < 1
+    assert terms["l1"] == pytest.approx(float(l1), rel=1e-4) and terms["ce"] == pytest.approx(float(ce), rel=1e-4)
+
+
+def test_a_drafter_trained_over_a_draft_vocabulary_drafts_from_it_and_decodes_losslessly(run, target, capsys):
+    out = run("draft-vocab", 60, "--draft-vocab", "64")
+    ids = json.loads((out / "draft_vocab.json").read_text())["ids"]
+    report = json.loads((out / "training.json").read_text())
+    assert len(ids) == 64 and ids == sorted(set(ids)) and set(target.stop_ids) <= set(ids)
+    assert report["draft_vocab"] == 64 and 0.5 < report["draft_vocab_coverage"]["train"] < 1
+    assert report["tau_after"] > report["tau_before"] + 0.3
+    drafter = load_drafter(str(out), target)
+    assert drafter.draft_vocab.tolist() == ids
+    for text in snippets(2, 3):
+        prompt = chat_ids(target, text)
+        assert answer(target, drafter, prompt)[0] == answer(target, None, prompt)[0]
+    capsys.readouterr()
+    with pytest.raises(AssertionError):  # the command fails
+        run("draft-vocab", 61, "--draft-vocab", "32")
+    assert "another configuration" in capsys.readouterr().err
 
 
 def test_resuming_continues_the_step_count(run, capsys):
