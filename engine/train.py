@@ -252,13 +252,15 @@ def in_draft_vocab(drafter: DSparkDrafter, token_ids: torch.Tensor) -> tuple[tor
 
 @torch.no_grad()
 def with_lse(sequences: list[Sequence], head: torch.nn.Module, chunk: int = 256) -> None:
-    """The target's log-normaliser at every position of each answer, once: afterwards a step needs the
-    target's logits over the draft vocabulary only (its whole head over every block was most of a step)."""
+    """The target's log-normaliser at every answer position of each sequence, once: afterwards a step
+    needs the target's logits over the draft vocabulary only (its whole head over every block was most
+    of a step). Labels are answer tokens, so prompt positions are never needed: NaN there."""
     weight = head.weight
     for seq in sequences:
         if seq.lse is None:
-            seq.lse = torch.cat([torch.logsumexp(head(rows.to(weight.device, weight.dtype)).float(), -1).cpu()
-                                 for rows in seq.last.split(chunk)])
+            rows = seq.last[seq.prompt_len :].split(chunk)
+            answer = [torch.logsumexp(head(r.to(weight.device, weight.dtype)).float(), -1).cpu() for r in rows]
+            seq.lse = torch.cat([torch.full((seq.prompt_len,), float("nan"))] + answer)
 
 
 def block_hidden(drafter: DSparkDrafter, features: torch.Tensor, block_ids: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
