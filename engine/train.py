@@ -236,8 +236,10 @@ def choose_draft_vocab(sequences: list[Sequence], size: int, vocab_size: int, ke
 
 def vocab_coverage(vocab: torch.Tensor | None, sequences: list[Sequence]) -> float:
     """The share of the answers' tokens that are in the draft vocabulary."""
+    if vocab is None:
+        return 1.0
     answers = torch.cat([seq.ids[seq.prompt_len :] for seq in sequences])
-    return 1.0 if vocab is None else float(torch.isin(answers, vocab).float().mean())
+    return float(torch.isin(answers, vocab).float().mean())
 
 
 def in_draft_vocab(drafter: DSparkDrafter, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
