@@ -19,14 +19,14 @@ from .divergence import explain_divergence
 from .dspark import DSparkDrafter
 from .engine import Engine
 from .loading import EMBEDDED, cache_dir, embedded_gguf, load_target
-from .prompt_lookup import PromptLookupDrafter
+from .prompt_lookup import LookupOrDraft, PromptLookupDrafter
 from .sampling import Sampling
 from .scheduler import sps_profile
 from .stats import summarize
 from .target import Target
 
 BASELINE = "baseline"
-MODE_NAMES = "baseline, drafter[:off|threshold|auto], prompt-lookup[:off|auto], hf, hf-prompt-lookup, hf-assisted, llama.cpp"
+MODE_NAMES = "baseline, drafter[:off|threshold|auto], drafter+lookup[:off|threshold|auto], prompt-lookup[:off|auto], hf, hf-prompt-lookup, hf-assisted, llama.cpp"
 # llama.cpp allocates its KV cache for the whole context up front; SmolLM2's 8192 tokens take about 190 MB.
 LLAMA_MAX_CONTEXT = 8192
 LLAMA_NOT_EXACT = ("excluded: llama.cpp computes with the GGUF's quantised weights and its own kernels (our target with "
@@ -82,8 +82,11 @@ def build_modes(engine: Engine, names: list[str], prompt_lookup_tokens: int, ass
         elif name.startswith("drafter"):
             if not isinstance(engine.drafter, DSparkDrafter):
                 raise ValueError(f"mode {name} needs --drafter")
-            scheduler = name.partition(":")[2] or None
-            modes.append(Mode(name, engine.drafter, scheduler))
+            kind, _, scheduler = name.partition(":")
+            if kind not in ("drafter", "drafter+lookup"):
+                raise ValueError(f"unknown mode {name!r} (known: {MODE_NAMES})")
+            drafter = engine.drafter if kind == "drafter" else LookupOrDraft(engine.drafter, PromptLookupDrafter(prompt_lookup_tokens))
+            modes.append(Mode(name, drafter, scheduler or None))
         elif name.startswith("prompt-lookup"):
             scheduler = name.partition(":")[2] or None
             if scheduler not in (None, "off", "auto"):

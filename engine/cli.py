@@ -45,9 +45,10 @@ def _add_model_flags(sub) -> None:
     model = sub.add_mutually_exclusive_group()
     model.add_argument("--target", default="smollm2", help="model folder, Hub id, .gguf file, or smollm2 (embedded, the default)")
     model.add_argument("--model", help="a pair from the catalog: target and drafter, placed as `dspark-chat models NAME` plans")
-    source = sub.add_mutually_exclusive_group()
-    source.add_argument("--drafter", help="DSpark/DFlash drafter folder or Hub id (DeepSpec layout)")
-    source.add_argument("--prompt-lookup", action="store_true", help="draft by copying from the context (no model)")
+    sub.add_argument("--drafter", help="DSpark/DFlash drafter folder or Hub id (DeepSpec layout)")
+    sub.add_argument("--prompt-lookup", action="store_true",
+                     help="draft by copying from the context (no model); with --drafter: copy where the context "
+                          "repeats itself, draft with the model elsewhere")
     sub.add_argument("--scheduler", choices=MODES, default="auto", help="how many drafts to verify (default auto)")
     sub.add_argument("--threshold", type=float, default=0.5, help="confidence threshold for --scheduler threshold")
     sub.add_argument("--calibration", help="per-position temperature file (default: calibration.json beside the drafter)")
@@ -123,7 +124,7 @@ def _add_bench_command(commands) -> None:
     bench.add_argument("--max-new-tokens", type=int, default=256)
     bench.add_argument("--temperature", type=float, default=0.0)
     bench.add_argument("--seed", type=int)
-    bench.add_argument("--modes", nargs="+", help="baseline, drafter[:off|threshold|auto], prompt-lookup[:off|auto], hf, hf-prompt-lookup, hf-assisted (needs --assistant), "
+    bench.add_argument("--modes", nargs="+", help="baseline, drafter[:off|threshold|auto], drafter+lookup[:off|threshold|auto], prompt-lookup[:off|auto], hf, hf-prompt-lookup, hf-assisted (needs --assistant), "
                        "llama.cpp (a GGUF target; pip install llama-cpp-python)")
     bench.add_argument("--prompt-lookup-tokens", type=int, default=10, help="tokens prompt lookup drafts a round")
     bench.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")

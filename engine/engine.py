@@ -6,24 +6,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
+from .catalog import shipped_drafter
 from .decode import Drafter, Step, decode
 from .dspark import DSparkDrafter
-from .loading import EMBEDDED, LoadError, cache_dir, load_drafter, load_target, model_dir
-from .prompt_lookup import PromptLookupDrafter
+from .loading import LoadError, cache_dir, load_drafter, load_target, model_dir
+from .prompt_lookup import LookupOrDraft, PromptLookupDrafter
 from .sampling import Sampling
 from .scheduler import Scheduler, load_calibration, sps_profile
 from .target import Target
-
-
-# Drafters this project trained and ships (models/<name>/README.md says how). A checkout or an editable
-# install finds them beside the package folders; a wheel carries them as package data at the same place
-# relative to this file (pyproject.toml maps engine/../models/... to dspark_chat/models/...).
-SHIPPED_DRAFTERS = {EMBEDDED: Path(__file__).resolve().parent.parent / "models" / "smollm2-dspark"}
-
-
-def shipped_drafter(target: str) -> str | None:
-    folder = SHIPPED_DRAFTERS.get(target)
-    return str(folder) if folder is not None and (folder / "config.json").is_file() else None
 
 
 class Engine:
@@ -47,17 +37,19 @@ class Engine:
         placement=None,
     ) -> "Engine":
         """With no drafter and no prompt lookup asked for, a target with a shipped drafter gets it
-        (`default_drafter=False` loads none: plain decoding)."""
-        if drafter and prompt_lookup:
-            raise LoadError("choose either a drafter or prompt lookup, not both")
+        (`default_drafter=False` loads none: plain decoding). A drafter with prompt lookup copies where
+        the context repeats itself and drafts with the model elsewhere (LookupOrDraft)."""
         if not drafter and not prompt_lookup and default_drafter:
             drafter = shipped_drafter(target)
         loaded = load_target(target, dtype, device, placement)
-        draft: Drafter | None = PromptLookupDrafter() if prompt_lookup else None
+        lookup = PromptLookupDrafter() if prompt_lookup else None
+        draft: Drafter | None = lookup
         plan = Scheduler(mode=scheduler, threshold=threshold)
         if drafter:
             folder = model_dir(drafter)
             draft = load_drafter(str(folder), loaded)
+            if lookup is not None:
+                draft = LookupOrDraft(draft, lookup)
             if calibration is None and (folder / "calibration.json").is_file():
                 calibration = str(folder / "calibration.json")
             if calibration:
@@ -112,6 +104,9 @@ class Engine:
         kind = "no drafter"
         if isinstance(self.drafter, DSparkDrafter):
             kind = f"drafter block {self.drafter.block_size}, scheduler {self.scheduler.mode}"
+        elif isinstance(self.drafter, LookupOrDraft):
+            kind = (f"prompt lookup, else drafter block {self.drafter.drafter.block_size}, "
+                    f"scheduler {self.scheduler.mode}")
         elif isinstance(self.drafter, PromptLookupDrafter):
             kind = "prompt lookup"
         return f"{self.target.name} ({self.target.dtype}, {self.target.device}), {kind}"

@@ -156,6 +156,8 @@ class Plan:
     def explain(self) -> str:
         p, n = self.pair, self.need
         drafter = {"prompt-lookup": "prompt lookup", "none": "no drafter"}.get(p.kind, f"{p.drafter} ({p.kind})")
+        if p.kind == "dspark+lookup" and p.drafter is None:
+            drafter = "the shipped DSpark drafter, with prompt lookup"
         weights = f"{QUANT_NAMES[self.quant]} weights" if self.quant else f"{self.dtype} weights"
         lines = [
             f"{p.name}: {p.target.repo} + {drafter}, context {self.context} tokens",

@@ -52,3 +52,29 @@ class PromptLookupDrafter:
             tokens = tokens.repeat(-(-n // len(tokens)))[:n]
         # A deterministic proposal: each draft had probability 1 under the drafter.
         return Proposal(tokens, None, match=match)
+
+
+class LookupOrDraft:
+    """Prompt lookup where the context's end repeats an earlier stretch by at least `min_match` tokens,
+    the model drafter everywhere else. A long match is the surest draft there is (SmolLM2 accepts about
+    90% of copies after an 8-token match, against the trained drafter's 35-60% first drafts), costs no
+    model pass, and may run past the drafter's block; a one-token match is a guess. Which of the two
+    drafts is decided from the context alone, before the target sees either: lossless."""
+
+    def __init__(self, drafter, lookup: PromptLookupDrafter | None = None, min_match: int = 3):
+        self.drafter, self.min_match = drafter, min_match
+        self.lookup = lookup or PromptLookupDrafter()
+        self.feature_layers = drafter.feature_layers
+        self.block_size = max(drafter.block_size, self.lookup.block_size)
+
+    def rewind(self, length: int) -> int:
+        return self.drafter.rewind(length)
+
+    def observe(self, features) -> None:
+        self.drafter.observe(features)
+
+    def propose(self, ids: torch.Tensor, limit: int, sampling: Sampling, generator=None) -> Proposal:
+        copy = self.lookup.propose(ids, limit, sampling, generator)
+        if copy.match is not None and copy.match >= self.min_match:
+            return copy
+        return self.drafter.propose(ids, limit, sampling, generator)

@@ -6,7 +6,9 @@ Modes:
   auto       the hardware-aware prefix scheduler (DSpark, Algorithm 1, one request): admit positions
              left to right while the expected tokens per second, (1 + a_1 + ... + a_l) * SPS(1 + l),
              keeps rising, with a_k = c_1 * ... * c_k and SPS(B) the measured verify passes per second
-             for B tokens; stop at the first position that does not raise it.
+             for B tokens; stop at the first position that does not raise it. Where SPS is not
+             monotone (CPUs), position k is admitted when some longer pass, counting the positions
+             after k as likely as k, beats stopping before k.
 Both confidence rules look at c_1..c_k only to decide on position k, and c_k depends on the drafts
 before k, never on x_k itself: the decision is independent of the token it admits, which keeps
 rejection sampling exact.
@@ -124,15 +126,30 @@ class Scheduler:
             return next((k for k, c in enumerate(confidences) if c < self.threshold), drafted)
         if not self.sps:
             raise ValueError("the auto scheduler needs an SPS profile")
-        survival, expected, best, admitted = 1.0, 1.0, self.sps[0], 0
+        survival, expected, admitted = 1.0, 1.0, 0
         for k, c in enumerate(confidences[:drafted], start=1):
+            if self._best_ahead(k, drafted, c, survival, expected) <= expected * self._rate(k - 1):
+                break
             survival *= c
             expected += survival
-            throughput = expected * self.sps[min(k, len(self.sps) - 1)]
-            if throughput <= best:
-                break
-            best, admitted = throughput, k
+            admitted = k
         return admitted
+
+    def _rate(self, drafts: int) -> float:
+        return self.sps[min(drafts, len(self.sps) - 1)]
+
+    def _best_ahead(self, k: int, drafted: int, c: float, survival: float, expected: float) -> float:
+        """The best expected rate of verifying k..m drafts, m = k..drafted, with positions after k
+        assumed as likely as k. On a GPU the rate of a pass falls with its length, and this is the
+        rate of admitting k alone as soon as c < 1. A CPU's is not monotone (SmolLM2 in float32 runs
+        4-token passes faster than 2-token ones): a pass over more drafts may be cheaper, and only
+        looking ahead finds it. It reads c_1..c_k only, so the decision on k stays independent of x_k."""
+        best = 0.0
+        for m in range(k, drafted + 1):
+            survival *= c
+            expected += survival
+            best = max(best, expected * self._rate(m))
+        return best
 
     def observe(self, confidences: list[float] | None, match: int | None, verified: int, accepted: int) -> None:
         """Learn from a verified round of a drafter without a confidence head (auto mode only)."""

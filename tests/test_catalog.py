@@ -153,6 +153,42 @@ estimated = ["params"]
     ]
 
 
+def test_a_drafter_with_prompt_lookup_takes_the_shipped_drafter_or_the_one_named(tmp_path):
+    from dspark_chat.engine.catalog import SHIPPED_DRAFTERS
+
+    text = TARGET + """
+[pairs.embedded-both]
+target = "smollm2"
+kind = "dspark+lookup"
+block_size = 10
+license = "Apache-2.0"
+
+[pairs.hub-both]
+target = "qwen3-4b"
+kind = "dspark+lookup"
+block_size = 10
+drafter = "deepseek-ai/dspark_qwen3_4b_block7"
+drafter_layers = 5
+drafter_params = 1_393_133_569
+drafter_dtype = "bfloat16"
+drafter_download_bytes = 2_786_280_000
+license = "MIT"
+"""
+    catalog = load_catalog([BUILTIN, write(tmp_path / "models.toml", text)])
+    embedded = catalog.pair("embedded-both")
+    assert embedded.specs() == ("smollm2", str(SHIPPED_DRAFTERS["smollm2"]), True) and embedded.repos() == []
+    hub = catalog.pair("hub-both")
+    assert hub.specs() == ("Qwen/Qwen3-4B", "deepseek-ai/dspark_qwen3_4b_block7", True)
+    assert hub.repos() == [("Qwen/Qwen3-4B", "main"), ("deepseek-ai/dspark_qwen3_4b_block7", "main")]
+    # no drafter named and none shipped for the target: refused with what to do
+    broken = text.replace('target = "smollm2"', 'target = "qwen3-8b"')
+    path = tmp_path / "models.toml"
+    kind_line = line_of(broken, 'kind = "dspark+lookup"')  # the first pair's
+    assert errors(tmp_path, broken) == [
+        f"{path}:{kind_line}: [pairs.embedded-both] kind: dspark+lookup without a drafter "
+        "takes the drafter this project ships for the target, and there is none for qwen3-8b: add the drafter fields"]
+
+
 def test_toml_syntax_and_top_level_errors(tmp_path):
     text = TARGET + "\n[pairs.x]\nkind = dspark\n"
     [line] = errors(tmp_path, text)

@@ -252,7 +252,7 @@ def test_pull_fetches_only_what_loading_needs_with_progress(hub, tiny_repo, tmp_
     again = pull(tmp_path, "acme/tiny", endpoint=hub.url)
     assert again.returncode == 0, again.stderr
     assert [e["event"] for e in events(again)] == ["done"]
-    assert [r["path"].split("?")[0] for r in hub.log] == [f"/api/models/acme/tiny/revision/main"]
+    assert [r["path"].split("?")[0] for r in hub.log] == ["/api/models/acme/tiny/revision/main"]
 
 
 def test_partial_blob_resumes_from_its_size(hub, tiny_repo, tmp_path):

@@ -13,7 +13,7 @@ from scipy.stats import chisquare
 import dspark_chat.engine.decode as decode_module
 from dspark_chat.engine.decode import decode
 from dspark_chat.engine.loading import load_drafter, load_target
-from dspark_chat.engine.prompt_lookup import PromptLookupDrafter
+from dspark_chat.engine.prompt_lookup import LookupOrDraft, PromptLookupDrafter
 from dspark_chat.engine.sampling import Proposal, Sampling
 from dspark_chat.engine.scheduler import Scheduler, measure_sps
 from dspark_chat.kernels.acceptance import accept_sampled
@@ -80,6 +80,48 @@ def test_greedy_identity_with_a_draft_vocabulary(variant, tiny_target, reference
             assert generated(tiny_target, forcing, prompt, scheduler) == baseline
             drafted = {t for block in forcing.own for t in block}
             assert drafted and drafted <= set(vocab)
+
+
+def recording_sources(hybrid: LookupOrDraft) -> list[str]:
+    """Which of its two drafters made each proposal: prompt lookup's carry their match length."""
+    sources, propose = [], hybrid.propose
+
+    def recorded(ids, limit, sampling, generator=None):
+        proposal = propose(ids, limit, sampling, generator)
+        sources.append("lookup" if proposal.match is not None else "drafter")
+        return proposal
+
+    hybrid.propose = recorded
+    return sources
+
+
+@pytest.mark.parametrize("variant", ["dspark", "dflash"])
+def test_greedy_identity_when_prompt_lookup_and_a_drafter_take_turns(variant, tiny_target, reference, profile):
+    drafter = load_drafter(str(REFERENCE / variant), tiny_target)
+    for mode in ("off", "auto"):
+        scheduler = Scheduler(mode=mode, sps=profile)
+        used = []
+        for prompt in prompts(reference):
+            baseline = generated(tiny_target, None, prompt)
+            hybrid = LookupOrDraft(drafter, PromptLookupDrafter(block_size=6), min_match=2)
+            assert generated(tiny_target, hybrid, prompt, scheduler) == baseline
+            # Forced acceptances: drafter rounds that accept several tokens, between lookup rounds.
+            forced = LookupOrDraft(Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 0, 2]), min_match=1)
+            sources = recording_sources(forced)
+            assert generated(tiny_target, forced, prompt, scheduler) == baseline
+            used += sources
+        assert used.count("lookup") >= 3 and used.count("drafter") >= 3
+
+
+def test_a_drafter_with_prompt_lookup_loads_as_the_two_taking_turns(tiny_target_dir):
+    from dspark_chat.engine.dspark import DSparkDrafter
+    from dspark_chat.engine.engine import Engine
+
+    engine = Engine.load(str(tiny_target_dir), str(REFERENCE / "dspark"), prompt_lookup=True, dtype="float32",
+                         device="cpu", scheduler="off")
+    assert isinstance(engine.drafter, LookupOrDraft) and isinstance(engine.drafter.drafter, DSparkDrafter)
+    assert engine.drafter.feature_layers == engine.drafter.drafter.feature_layers
+    assert engine.describe().endswith("prompt lookup, else drafter block 7, scheduler off")
 
 
 class SteeredLookup(PromptLookupDrafter):
@@ -243,6 +285,22 @@ def test_sampling_with_a_draft_vocabulary_matches_target_distribution(sampling, 
     assert chi_square_pvalue(counts, exact, runs) > 1e-3
     with_one = sum(p for seq, p in exact.items() if 1 in seq) * runs
     assert with_one > 100 and sum(n for seq, n in counts.items() if 1 in seq) > with_one / 2
+
+
+@pytest.mark.parametrize("sampling", [Sampling(1.0), Sampling(0.7, top_k=3)], ids=["t1", "t0.7-topk3"])
+def test_sampling_when_prompt_lookup_and_a_drafter_take_turns_matches_target_distribution(sampling, tmp_path, tokenizer):
+    """A lookup round's drafts are certain (q = 1), a drafter round's are sampled from q: the committed
+    tokens must follow the target's distribution whichever drafted them."""
+    target_dir, drafter_dir = make_tiny_pair(tmp_path, tokenizer, vocab_size=4, block_size=4, markov_rank=4, std=0.8)
+    target = load_target(str(target_dir), "float32", "cpu")
+    target.stop_ids = ()
+    hybrid = LookupOrDraft(load_drafter(str(drafter_dir), target), PromptLookupDrafter(block_size=4), min_match=2)
+    sources = recording_sources(hybrid)
+    prefix, length, runs = [1, 3, 0, 1, 3], 3, 1000
+    exact = exact_distribution(target, prefix, length, sampling)
+    counts = sampled_counts(target, hybrid, prefix, length, sampling, runs)
+    assert chi_square_pvalue(counts, exact, runs) > 1e-3
+    assert sources.count("lookup") > runs / 2 and sources.count("drafter") > runs / 2
 
 
 @pytest.mark.parametrize("sampling", [Sampling(1.0), Sampling(0.7, top_k=3)], ids=["t1", "t0.7-topk3"])

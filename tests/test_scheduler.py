@@ -42,11 +42,28 @@ def test_auto_verifies_more_where_verification_is_cheap():
     assert throughput(3, CPU_LIKE) > max(throughput(2, CPU_LIKE), throughput(4, CPU_LIKE))
 
 
+def test_auto_looks_past_a_pass_length_that_costs_more_than_a_longer_one():
+    """With SmolLM2's float32 profile a 4-token pass is faster than a 2- or 3-token one: stopping at
+    the first position that does not raise the rate would verify nothing on weak drafts, while three
+    drafts cost less than none."""
+    weak = [0.3] * 7
+
+    def throughput(l, sps):
+        return (1 + sum(math.prod(weak[:k]) for k in range(1, l + 1))) * sps[l]
+
+    profile = SMOLLM2_FP32_TRANSPOSED[:8]
+    assert throughput(1, profile) < throughput(0, profile) < throughput(3, profile)
+    chosen = Scheduler("auto", sps=profile).verify_count(7, weak)
+    assert chosen == 3 and throughput(3, profile) == max(throughput(l, profile) for l in range(8))
+    # Where a longer pass never pays (each token costs), weak drafts are still not verified.
+    assert Scheduler("auto", sps=CPU_LIKE).verify_count(7, weak) == 0
+
+
 def test_auto_decides_on_position_k_without_looking_past_it():
     """Lossless sampling needs the decision for position k to ignore c_(k+1), which depends on x_k:
     whatever follows the first refused position cannot change the count."""
     g = torch.Generator().manual_seed(0)
-    for sps in (CPU_LIKE, GPU_LIKE):
+    for sps in (CPU_LIKE, GPU_LIKE, SMOLLM2_FP32_TRANSPOSED[:8]):
         scheduler = Scheduler("auto", sps=sps)
         for _ in range(200):
             conf = torch.rand(7, generator=g).tolist()

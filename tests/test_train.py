@@ -244,7 +244,8 @@ def test_ece_is_zero_for_calibrated_bins_and_large_for_confident_mistakes():
 @pytest.mark.slow
 def test_the_embedded_model_gets_the_shipped_drafter_and_decodes_losslessly_with_it():
     from dspark_chat.engine.dspark import DSparkDrafter
-    from dspark_chat.engine.engine import SHIPPED_DRAFTERS, Engine
+    from dspark_chat.engine.catalog import SHIPPED_DRAFTERS
+    from dspark_chat.engine.engine import Engine
 
     folder = SHIPPED_DRAFTERS["smollm2"]
     assert (folder / "model.safetensors").stat().st_size <= 25_000_000

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dspark_chat.app.engine_client import EngineClient, EngineProcess
+from dspark_chat.app.engine_client import EngineProcess
 from dspark_chat.app.history import History
 from dspark_chat.app.tui import (Answer, ChatInput, ChatScreen, CompareScreen, DSparkChat, HistoryScreen, PickerScreen,
                                  SettingsScreen, StatusBar)
