@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dspark_chat.engine.catalog import BUILTIN, CatalogError, load_catalog, user_catalog_path
+from dspark_chat.engine.catalog import BUILTIN, SHIPPED_DRAFTERS, CatalogError, load_catalog, user_catalog_path
 
 from .conftest import TINY_TARGET_TOML
 
@@ -35,8 +35,8 @@ def test_builtin_catalog_has_every_released_deepspec_drafter():
             assert pair.repos() == [(target, "main"), (pair.drafter, "main")]
             assert pair.license and pair.drafter_dtype == "bfloat16"
     embedded = catalog.pair("smollm2")
-    assert embedded.kind == "prompt-lookup" and embedded.target.embedded and embedded.repos() == []
-    assert embedded.specs() == ("smollm2", None, True)
+    assert embedded.kind == "dspark+lookup" and embedded.target.embedded and embedded.repos() == []
+    assert embedded.specs() == ("smollm2", str(SHIPPED_DRAFTERS["smollm2"]), True)
 
 
 def test_qwen3_numbers_are_their_configs():
@@ -154,8 +154,6 @@ estimated = ["params"]
 
 
 def test_a_drafter_with_prompt_lookup_takes_the_shipped_drafter_or_the_one_named(tmp_path):
-    from dspark_chat.engine.catalog import SHIPPED_DRAFTERS
-
     text = TARGET + """
 [pairs.embedded-both]
 target = "smollm2"
@@ -248,7 +246,7 @@ def test_unknown_pair_names_suggest_close_ones():
 def test_an_installed_wheel_ships_and_finds_models_toml(tmp_path):
     """Build the wheel from a copy of the sources, unpack it, and import the catalog from there."""
     src = tmp_path / "src"
-    for name in ("app", "engine", "kernels"):
+    for name in ("app", "engine", "kernels", "models"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "models.toml", "README.md"):
         if (REPO / name).exists():
@@ -259,6 +257,8 @@ def test_an_installed_wheel_ships_and_finds_models_toml(tmp_path):
     [wheel] = (tmp_path / "dist").glob("dspark_chat-*.whl")
     with zipfile.ZipFile(wheel) as z:
         assert z.read("dspark_chat/models.toml") == BUILTIN.read_bytes()
+        # the embedded pair's drafter, which the catalog's smollm2 pair names by leaving its drafter out
+        assert z.read("dspark_chat/models/smollm2-dspark/config.json") == (SHIPPED_DRAFTERS["smollm2"] / "config.json").read_bytes()
         z.extractall(tmp_path / "site")
     code = ("import dspark_chat.engine.catalog as c; print(c.BUILTIN); "
             "print(len(c.load_catalog([c.BUILTIN]).pairs))")

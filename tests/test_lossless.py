@@ -103,10 +103,10 @@ def test_greedy_identity_when_prompt_lookup_and_a_drafter_take_turns(variant, ti
         used = []
         for prompt in prompts(reference):
             baseline = generated(tiny_target, None, prompt)
-            hybrid = LookupOrDraft(drafter, PromptLookupDrafter(block_size=6), min_match=2)
+            hybrid = LookupOrDraft(drafter, PromptLookupDrafter(block_size=6, min_match=2))
             assert generated(tiny_target, hybrid, prompt, scheduler) == baseline
             # Forced acceptances: drafter rounds that accept several tokens, between lookup rounds.
-            forced = LookupOrDraft(Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 0, 2]), min_match=1)
+            forced = LookupOrDraft(Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 0, 2]), PromptLookupDrafter())
             sources = recording_sources(forced)
             assert generated(tiny_target, forced, prompt, scheduler) == baseline
             used += sources
@@ -294,7 +294,7 @@ def test_sampling_when_prompt_lookup_and_a_drafter_take_turns_matches_target_dis
     target_dir, drafter_dir = make_tiny_pair(tmp_path, tokenizer, vocab_size=4, block_size=4, markov_rank=4, std=0.8)
     target = load_target(str(target_dir), "float32", "cpu")
     target.stop_ids = ()
-    hybrid = LookupOrDraft(load_drafter(str(drafter_dir), target), PromptLookupDrafter(block_size=4), min_match=2)
+    hybrid = LookupOrDraft(load_drafter(str(drafter_dir), target), PromptLookupDrafter(block_size=4, min_match=2))
     sources = recording_sources(hybrid)
     prefix, length, runs = [1, 3, 0, 1, 3], 3, 1000
     exact = exact_distribution(target, prefix, length, sampling)

@@ -246,14 +246,16 @@ def test_the_embedded_model_gets_the_shipped_drafter_and_decodes_losslessly_with
     from dspark_chat.engine.dspark import DSparkDrafter
     from dspark_chat.engine.catalog import SHIPPED_DRAFTERS
     from dspark_chat.engine.engine import Engine
+    from dspark_chat.engine.prompt_lookup import LookupOrDraft
 
     folder = SHIPPED_DRAFTERS["smollm2"]
     assert (folder / "model.safetensors").stat().st_size <= 25_000_000
     with safe_open(folder / "model.safetensors", "pt") as f:
         assert not {"embed_tokens.weight", "lm_head.weight"} & set(f.keys())
     engine = Engine.load("smollm2", dtype="float32", device="cpu", scheduler="off")
-    assert isinstance(engine.drafter, DSparkDrafter) and engine.scheduler.temperatures
-    assert engine.drafter.embed_tokens is engine.target.model.get_input_embeddings()
+    assert isinstance(engine.drafter, LookupOrDraft) and engine.scheduler.temperatures  # with prompt lookup
+    assert isinstance(engine.drafter.drafter, DSparkDrafter)
+    assert engine.drafter.drafter.embed_tokens is engine.target.model.get_input_embeddings()
     assert Engine.load("smollm2", dtype="float32", device="cpu", default_drafter=False).drafter is None
     ids = engine.chat_ids([{"role": "user", "content": "Natalia sold clips to 48 of her friends in April, and then she sold "
                                                           "half as many clips in May. How many clips did she sell altogether?"}])
