@@ -85,8 +85,9 @@ def build_modes(engine: Engine, names: list[str], prompt_lookup_tokens: int, ass
             kind, _, scheduler = name.partition(":")
             if kind not in ("drafter", "drafter+lookup"):
                 raise ValueError(f"unknown mode {name!r} (known: {MODE_NAMES})")
-            lookup = PromptLookupDrafter(prompt_lookup_tokens, min_match=LookupOrDraft.MIN_MATCH)
-            drafter = engine.drafter if kind == "drafter" else LookupOrDraft(engine.drafter, lookup)
+            drafter = engine.drafter
+            if kind == "drafter+lookup":
+                drafter = LookupOrDraft(drafter, PromptLookupDrafter(prompt_lookup_tokens, min_match=LookupOrDraft.MIN_MATCH))
             modes.append(Mode(name, drafter, scheduler or None))
         elif name.startswith("prompt-lookup"):
             scheduler = name.partition(":")[2] or None

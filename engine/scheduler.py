@@ -140,10 +140,10 @@ class Scheduler:
 
     def _best_ahead(self, k: int, drafted: int, c: float, survival: float, expected: float) -> float:
         """The best expected rate of verifying k..m drafts, m = k..drafted, with positions after k
-        assumed as likely as k. On a GPU the rate of a pass falls with its length, and this is the
-        rate of admitting k alone as soon as c < 1. A CPU's is not monotone (SmolLM2 in float32 runs
-        4-token passes faster than 2-token ones): a pass over more drafts may be cheaper, and only
-        looking ahead finds it. It reads c_1..c_k only, so the decision on k stays independent of x_k."""
+        assumed as likely as k. m = k is the one-step rule's rate, so every position that rule admits
+        is admitted here too; beyond it, a CPU's rate is not monotone (SmolLM2 in float32 runs 4-token
+        passes faster than 2-token ones), and a pass over more drafts may be the cheaper one. It reads
+        c_1..c_k only, so the decision on k stays independent of x_k."""
         best = 0.0
         for m in range(k, drafted + 1):
             survival *= c

@@ -22,7 +22,7 @@ from dspark_chat.engine.scheduler import sps_profile
 
 from .conftest import REFERENCE, make_tiny_pair
 
-MODES = ["baseline", "drafter", "drafter:threshold", "prompt-lookup", "prompt-lookup:off", "hf", "hf-prompt-lookup", "hf-assisted"]
+MODES = ["baseline", "drafter", "drafter:threshold", "drafter+lookup", "prompt-lookup", "prompt-lookup:off", "hf", "hf-prompt-lookup", "hf-assisted"]
 ROW_FIELDS = {
     "decode_tokens_per_s_median", "decode_tokens_per_s_min", "decode_tokens_per_s_max", "time_to_first_token_ms_median",
     "tokens", "tau", "acceptance_rate", "acceptance_by_position", "identity_checked", "identity_note", "near_ties",
@@ -64,7 +64,7 @@ def test_every_mode_runs_and_greedy_outputs_agree(tiny_target, assistant, prompt
     rows = report["modes"]
     assert rows["baseline"]["tau"] == 1.0 and rows["drafter"]["tau"] >= 1.0
     assert rows["baseline"]["acceptance_by_position"] == []  # verifies no drafts
-    for name in ("drafter", "prompt-lookup"):
+    for name in ("drafter", "drafter+lookup", "prompt-lookup"):
         curve = rows[name]["acceptance_by_position"]
         assert curve and all(a is None or 0 <= a <= 1 for a in curve)
     for name in ("hf", "hf-prompt-lookup", "hf-assisted"):  # generate() does not report its rounds
@@ -117,6 +117,8 @@ def test_bad_prompt_files_and_modes_are_refused(tiny_target, tmp_path):
         read_prompts(bad, None)
     with pytest.raises(ValueError, match="mode drafter needs --drafter"):
         build_modes(Engine(tiny_target), ["drafter"], 5)
+    with pytest.raises(ValueError, match="unknown mode 'drafter-lookup'"):
+        build_modes(Engine(tiny_target, load_drafter(str(REFERENCE / "dspark"), tiny_target)), ["drafter-lookup"], 5)
     with pytest.raises(ValueError, match="unknown mode 'fastest'"):
         build_modes(Engine(tiny_target), ["fastest"], 5)
     with pytest.raises(ValueError, match="mode hf-assisted needs --assistant MODEL"):
