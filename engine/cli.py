@@ -83,7 +83,9 @@ def resolve_model(args) -> dict | None:
 def _add_train_command(commands) -> None:
     t = commands.add_parser("train", help="train a DSpark drafter for a target by online distillation (engine/train.py)")
     t.add_argument("--target", required=True, help="model folder, Hub id, .gguf file, or smollm2")
-    t.add_argument("--prompts", nargs="+", required=True, help="JSON lines with 'turns' (first turn used) or 'prompt'; several files are mixed evenly")
+    t.add_argument("--prompts", nargs="+", action="append", required=True, metavar="FILE",
+                   help="JSON lines with 'turns' (first turn used) or 'prompt'; several files are mixed evenly. Repeat "
+                        "--prompts to add a group that is answered and cached on its own: the other groups' answers are reused")
     t.add_argument("--out", required=True, help="output folder: the drafter (DeepSpec layout), calibration.json, checkpoint/ to resume from")
     t.add_argument("--layers", type=int, default=2, help="drafter decoder layers (default 2)")
     t.add_argument("--block-size", type=int, default=7, help="tokens drafted per round (default 7)")
@@ -97,11 +99,11 @@ def _add_train_command(commands) -> None:
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warm-up, then cosine decay)")
     t.add_argument("--batch", type=int, default=4, help="answers per step")
     t.add_argument("--anchors", type=int, default=32, help="blocks per answer per step")
-    t.add_argument("--max-prompts", type=int, help="answer only the first N prompts of the mixed list")
+    t.add_argument("--max-prompts", type=int, help="answer only the first N prompts of each group's mixed list")
     t.add_argument("--max-prompt-tokens", type=int, default=512, help="skip longer prompts (chat template included)")
     t.add_argument("--max-new-tokens", type=int, default=256, help="answer length the target generates")
     t.add_argument("--gen-batch", type=int, default=16, help="prompts per generation batch")
-    t.add_argument("--cache-dir", help="where generated answers and features are kept (default: user cache dir, keyed)")
+    t.add_argument("--cache-dir", help="where generated answers and features are kept, one keyed folder per prompt group (default: the user cache dir's train/)")
     t.add_argument("--data-only", action="store_true", help="generate (or complete) the cached answers and stop")
     t.add_argument("--eval-every", type=int, default=50, help="steps between held-out acceptance estimates")
     t.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (and drafter snapshots)")

@@ -138,7 +138,7 @@ def data_key(target: Target, prompts: list[str], layers, options) -> str:
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 
-def build_corpus(target: Target, prompts: list[str], layers: tuple[int, ...], options, cache: Path, log=print) -> list[Sequence]:
+def build_corpus(target: Target, prompts: list[list[str]], layers: tuple[int, ...], options, cache: Path, log=print) -> list[Sequence]:
     """The target's answers and features for the first --max-prompts prompts, generated once per cache key."""
     rows = prompt_ids(target, prompts, options.max_prompt_tokens, options.seed)
     if not rows:
@@ -461,7 +461,9 @@ def save_drafter(drafter: DSparkDrafter, config: dict, out: Path, omit_embedding
 
 def save_checkpoint(folder: Path, drafter, optimizer, step: int, history: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({n: p.detach().cpu().contiguous() for n, p in trainable(drafter).items()}, folder / "drafter.safetensors")
+    # each file is written whole, then renamed: a run killed mid-save keeps the previous checkpoint readable
+    save_file({n: p.detach().cpu().contiguous() for n, p in trainable(drafter).items()}, folder / "drafter.safetensors.tmp")
+    (folder / "drafter.safetensors.tmp").replace(folder / "drafter.safetensors")
     torch.save(optimizer.state_dict(), folder / "optimizer.pt.tmp")
     (folder / "optimizer.pt.tmp").replace(folder / "optimizer.pt")
     (folder / "state.json.tmp").write_text(json.dumps({"step": step, "history": history}))
@@ -511,13 +513,14 @@ def _train(options, log) -> dict:
     layers = options.target_layers or default_layers(target.num_layers)
     if any(not -1 <= i < target.num_layers - 1 for i in layers):
         raise ValueError(f"--target-layers must be in -1..{target.num_layers - 2} (the last layer's hidden state is post-norm)")
-    prompts = read_prompts(options.prompts)
-    key = data_key(target, prompts, layers, options)
-    cache = Path(options.cache_dir) if options.cache_dir else cache_dir() / "train" / key
-    corpus = build_corpus(target, prompts, tuple(layers), options, cache, log)
+    groups = [read_prompts(files) for files in options.prompts]
+    corpus, caches = [], []
+    for prompts in groups:
+        caches.append((Path(options.cache_dir) if options.cache_dir else cache_dir() / "train") / data_key(target, prompts, layers, options))
+        corpus += build_corpus(target, prompts, tuple(layers), options, caches[-1], log)
     if options.data_only:
-        log(f"{len(corpus)} answers cached in {cache}")
-        return {"answers": len(corpus), "cache": str(cache)}
+        log(f"{len(corpus)} answers cached in {', '.join(map(str, caches))}")
+        return {"answers": len(corpus), "caches": [str(c) for c in caches]}
     held = [s for s in corpus if s.holdout]
     pool = [s for s in corpus if not s.holdout and len(anchor_candidates(s, options.block_size, False))]
     if not held or not pool:
@@ -539,11 +542,16 @@ def _train(options, log) -> dict:
     step, history = 0, {"eval": []}
     if (checkpoint / "state.json").is_file():
         saved = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
-        saved_vocab = json.loads((out / DRAFT_VOCAB_FILE).read_text())["ids"] if (out / DRAFT_VOCAB_FILE).is_file() else None
-        if {k: saved.get(k) for k in config} != config or saved_vocab != (None if vocab is None else vocab.tolist()):
+        if {k: saved.get(k) for k in config} != config:
             raise ValueError(f"{out} holds a run with another configuration: choose another --out or delete {checkpoint}")
         step, history = load_checkpoint(checkpoint, drafter, optimizer)
         log(f"resuming at step {step} from {checkpoint}")
+        # The draft vocabulary selects rows of full-vocabulary weights, so the data (and with it the
+        # vocabulary) may change between runs: training goes on with the new rows.
+        saved_vocab = json.loads((out / DRAFT_VOCAB_FILE).read_text())["ids"] if (out / DRAFT_VOCAB_FILE).is_file() else None
+        if vocab is not None and saved_vocab is not None and saved_vocab != vocab.tolist():
+            kept = set(saved_vocab) & set(vocab.tolist())
+            log(f"the draft vocabulary changed with the data: {len(vocab) - len(kept)} tokens in, {len(saved_vocab) - len(kept)} out")
     save_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.save_dtype]
     head = target.model.get_output_embeddings()
 

@@ -184,9 +184,30 @@ def test_a_drafter_trained_over_a_draft_vocabulary_drafts_from_it_and_decodes_lo
         prompt = chat_ids(target, text)
         assert answer(target, drafter, prompt)[0] == answer(target, None, prompt)[0]
     capsys.readouterr()
-    with pytest.raises(AssertionError):  # the command fails
-        run("draft-vocab", 61, "--draft-vocab", "32")
-    assert "another configuration" in capsys.readouterr().err
+    # The vocabulary selects rows of full-vocabulary weights: a resumed run may choose another one.
+    run("draft-vocab", 62, "--draft-vocab", "32", "--eval-every", "1")
+    err = capsys.readouterr().err
+    assert "resuming at step 60" in err and "the draft vocabulary changed with the data: 0 tokens in, 32 out" in err
+    resumed = json.loads((out / "draft_vocab.json").read_text())["ids"]
+    assert len(resumed) == 32 and set(resumed) <= set(ids)
+    assert load_drafter(str(out), target).draft_vocab.tolist() == resumed
+
+
+def test_a_second_prompt_group_is_answered_and_cached_on_its_own(run, capsys):
+    root = run.target_dir.parent
+    more = root / "more-prompts.jsonl"
+    more.write_text("".join(json.dumps({"prompt": s}) + "\n" for s in snippets(3, 40)))
+    run("one-group", 0)
+    shards = lambda: {p: p.stat().st_mtime_ns for p in (root / "cache").rglob("shard-*.safetensors")}
+    before = shards()
+    capsys.readouterr()
+    run("two-groups", 0, "--prompts", str(more))
+    err = capsys.readouterr().err
+    after = shards()
+    assert {p: after[p] for p in before} == before  # the first group's answers were reused, not made again
+    added = {p.parent for p in set(after) - set(before)}
+    assert len(added) == 1 and f"generating answers for 40 prompts (1 of 1 batches to do) into {added.pop()}" in err
+    assert "data: 133 training and 7 held-out answers" in err  # 95 + 5 and 38 + 2: every 20th of each group held out
 
 
 def test_resuming_continues_the_step_count(run, capsys):
@@ -202,7 +223,7 @@ def test_resuming_continues_the_step_count(run, capsys):
         from dspark_chat.engine.train import train
 
         args = build_parser().parse_args(["train", "--target", str(run.target_dir), "--prompts", "unused", "--out", str(out)])
-        args.prompts = [str(out.parent / "prompts.jsonl")]
+        args.prompts = [[str(out.parent / "prompts.jsonl")]]
         args.cache_dir, args.max_new_tokens, args.gen_batch, args.target_layers = str(out.parent / "cache"), 40, 50, [0, 1]
         train(args, log=lambda _: None)  # block size 7 and 2 layers: not the run saved there
 

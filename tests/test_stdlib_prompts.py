@@ -1,0 +1,32 @@
+"""scripts/stdlib_prompts.py: code-writing training prompts from the standard library, the same on every run."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from dspark_chat.engine.train import read_prompts
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "stdlib_prompts.py"
+
+
+def make(out: Path, hash_seed: str, *args: str) -> str:
+    env = dict(os.environ, PYTHONHASHSEED=hash_seed, DSPARK_PROBE="a value no prompt may show")
+    subprocess.run([sys.executable, str(SCRIPT), str(out), *args], check=True, env=env, capture_output=True)
+    return out.read_text()
+
+
+def test_prompts_are_function_stubs_and_do_not_depend_on_the_process(tmp_path):
+    text = make(tmp_path / "a.jsonl", "1")
+    assert make(tmp_path / "b.jsonl", "2") == text  # set order, addresses, environment
+    assert not re.search(r" at 0x[0-9a-f]{6,}", text) and "DSPARK_PROBE" not in text  # os.environ is cgi.parse's default
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert len(rows) > 300 and len({r["source"] for r in rows}) == len(rows)
+    if sys.version_info < (3, 13):  # cgi, whose parse() defaults to os.environ, left the standard library in 3.13
+        assert "cgi.parse" in {r["source"] for r in rows}
+    (prompts,) = read_prompts([str(tmp_path / "a.jsonl")])
+    for prompt, row in zip(prompts, rows):
+        name = row["source"].rsplit(".", 1)[1]
+        assert f"```python\ndef {name}(" in prompt and prompt.endswith('    """\n```')
+    assert make(tmp_path / "c.jsonl", "1", "--limit", "50", "--seed", "1") != make(tmp_path / "d.jsonl", "1", "--limit", "50")
