@@ -1,8 +1,8 @@
-"""Write code-writing prompts made from the Python standard library's own functions: each prompt shows a
-function's signature and docstring and asks for its body. Training data for drafters of chat models that
+"""Write code-writing prompts made from the Python standard library's own functions and methods: each
+prompt shows a signature and docstring and asks for the body. Training data for drafters of chat models that
 write code; nothing here comes from an evaluation set.
 
-    python scripts/stdlib_prompts.py OUT.jsonl [--limit N] [--seed S]
+    python scripts/stdlib_prompts.py OUT.jsonl [--start N] [--limit N] [--seed S]
 
 The prompts depend on the Python version that runs this (its standard library), not on the machine.
 """
@@ -42,9 +42,23 @@ def literal(default):
     return Unshown()
 
 
-def functions(module_names) -> dict[tuple[str, str], str]:
-    """(module, name) -> source of a stub: the signature and docstring of public pure-Python functions."""
-    stubs = {}
+def stub(name: str, function, indent: str = "") -> str | None:
+    """The signature and docstring of a function, as source; None when it has no useful docstring."""
+    doc = inspect.getdoc(function)
+    if not doc or len(doc) < 40:
+        return None
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
+    signature = signature.replace(parameters=[p.replace(default=literal(p.default)) for p in signature.parameters.values()])
+    body = "\n".join(f"{indent}    {line}".rstrip() for line in doc.splitlines()[:MAX_DOC_LINES])
+    return f'{indent}def {name}{signature}:\n{indent}    """\n{body}\n{indent}    """\n'
+
+
+def stubs(module_names) -> tuple[dict[str, str], dict[str, str]]:
+    """Stubs of public pure-Python functions and of public methods of public classes, by dotted name."""
+    functions, methods = {}, {}
     for module_name in sorted(module_names):
         if module_name in SKIP or module_name.startswith("_"):
             continue
@@ -55,38 +69,39 @@ def functions(module_names) -> dict[tuple[str, str], str]:
         except Exception:  # platform-specific modules; absent optional C libraries
             continue
         for name, value in vars(module).items():
-            if name.startswith("_") or not inspect.isfunction(value) or value.__module__ != module_name:
+            if name.startswith("_") or getattr(value, "__module__", None) != module_name:
                 continue
-            doc = inspect.getdoc(value)
-            if not doc or len(doc) < 40:
-                continue
-            try:
-                signature = inspect.signature(value)
-            except (TypeError, ValueError):
-                continue
-            signature = signature.replace(parameters=[p.replace(default=literal(p.default)) for p in signature.parameters.values()])
-            lines = doc.splitlines()[:MAX_DOC_LINES]
-            body = "\n".join(f"    {line}".rstrip() for line in lines)
-            stubs[(module_name, name)] = f'def {name}{signature}:\n    """\n{body}\n    """\n'
-    return stubs
+            if inspect.isfunction(value) and (source := stub(name, value)):
+                functions[f"{module_name}.{name}"] = source
+            elif inspect.isclass(value):
+                for method_name, method in vars(value).items():
+                    if not method_name.startswith("_") and inspect.isfunction(method) and (source := stub(method_name, method, "    ")):
+                        methods[f"{module_name}.{name}.{method_name}"] = f"class {name}:\n{source}"
+    return functions, methods
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out")
-    parser.add_argument("--limit", type=int, help="at most N prompts (a seeded random choice)")
+    parser.add_argument("--start", type=int, default=0, help="skip the first N prompts of the list")
+    parser.add_argument("--limit", type=int, help="at most N prompts")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    stubs = functions(sys.stdlib_module_names)
-    keys = sorted(stubs)
-    random.Random(args.seed).shuffle(keys)
-    keys = keys[: args.limit] if args.limit else keys
+    functions, methods = stubs(sys.stdlib_module_names)
+    # Functions first, then methods, each shuffled: a longer list keeps the prompts of a shorter one.
+    names = []
+    for group in (functions, methods):
+        keys = sorted(group)
+        random.Random(args.seed).shuffle(keys)
+        names += keys
+    source = functions | methods
+    end = args.start + args.limit if args.limit else len(names)
     with open(args.out, "w") as f:
-        for number, key in enumerate(keys):
-            prompt = f"{ASKS[number % len(ASKS)]}\n```python\n{stubs[key]}```"
-            f.write(json.dumps({"turns": [prompt], "source": f"{key[0]}.{key[1]}"}) + "\n")
-    print(f"{len(keys)} prompts from {len(stubs)} standard-library functions (Python {sys.version.split()[0]}) -> {args.out}",
-          file=sys.stderr)
+        for number in range(args.start, min(end, len(names))):
+            prompt = f"{ASKS[number % len(ASKS)]}\n```python\n{source[names[number]]}```"
+            f.write(json.dumps({"turns": [prompt], "source": names[number]}) + "\n")
+    print(f"{max(0, min(end, len(names)) - args.start)} prompts of {len(names)} ({len(functions)} standard-library functions, "
+          f"then {len(methods)} methods; Python {sys.version.split()[0]}) -> {args.out}", file=sys.stderr)
     return 0
 
 

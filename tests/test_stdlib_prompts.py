@@ -27,6 +27,17 @@ def test_prompts_are_function_stubs_and_do_not_depend_on_the_process(tmp_path):
         assert "cgi.parse" in {r["source"] for r in rows}
     (prompts,) = read_prompts([str(tmp_path / "a.jsonl")])
     for prompt, row in zip(prompts, rows):
-        name = row["source"].rsplit(".", 1)[1]
-        assert f"```python\ndef {name}(" in prompt and prompt.endswith('    """\n```')
+        *owner, name = row["source"].split(".")
+        assert f"def {name}(" in prompt and prompt.endswith('"""\n```')
+        if len(owner) == 2:  # module.Class.method
+            assert f"```python\nclass {owner[1]}:\n    def {name}(" in prompt
+    assert any(len(r["source"].split(".")) == 3 for r in rows) and any(len(r["source"].split(".")) == 2 for r in rows)
     assert make(tmp_path / "c.jsonl", "1", "--limit", "50", "--seed", "1") != make(tmp_path / "d.jsonl", "1", "--limit", "50")
+
+
+def test_a_later_slice_continues_the_list_and_a_longer_list_keeps_a_shorter_one(tmp_path):
+    whole = make(tmp_path / "a.jsonl", "1").splitlines()
+    assert make(tmp_path / "b.jsonl", "1", "--limit", "30").splitlines() == whole[:30]
+    assert make(tmp_path / "c.jsonl", "1", "--start", "30", "--limit", "20").splitlines() == whole[30:50]
+    functions = [line for line in whole if len(json.loads(line)["source"].split(".")) == 2]
+    assert whole[: len(functions)] == functions  # functions first: adding methods did not reorder them
