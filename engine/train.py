@@ -130,7 +130,7 @@ def generate_shard(target: Target, batch: list[tuple[int, list[int]]], layers: t
     return shard
 
 
-def data_key(target: Target, prompts: list[str], layers, options) -> str:
+def data_key(target: Target, prompts: list[list[str]], layers, options) -> str:
     """Everything the cached answers depend on. Not --max-prompts: shards are consecutive chunks of one
     shuffled prompt list, so a larger --max-prompts reuses the shards a smaller one made."""
     identity = [target.name, target.num_layers, target.hidden_size, target.vocab_size, str(target.dtype), prompts,
@@ -514,10 +514,9 @@ def _train(options, log) -> dict:
     if any(not -1 <= i < target.num_layers - 1 for i in layers):
         raise ValueError(f"--target-layers must be in -1..{target.num_layers - 2} (the last layer's hidden state is post-norm)")
     groups = [read_prompts(files) for files in options.prompts]
-    corpus, caches = [], []
-    for prompts in groups:
-        caches.append((Path(options.cache_dir) if options.cache_dir else cache_dir() / "train") / data_key(target, prompts, layers, options))
-        corpus += build_corpus(target, prompts, tuple(layers), options, caches[-1], log)
+    root = Path(options.cache_dir) if options.cache_dir else cache_dir() / "train"
+    caches = [root / data_key(target, prompts, layers, options) for prompts in groups]
+    corpus = [seq for prompts, cache in zip(groups, caches) for seq in build_corpus(target, prompts, tuple(layers), options, cache, log)]
     if options.data_only:
         log(f"{len(corpus)} answers cached in {', '.join(map(str, caches))}")
         return {"answers": len(corpus), "caches": [str(c) for c in caches]}

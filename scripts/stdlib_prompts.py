@@ -87,6 +87,8 @@ def main() -> int:
     parser.add_argument("--limit", type=int, help="at most N prompts")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.start < 0 or (args.limit is not None and args.limit < 1):
+        parser.error("--start must be 0 or more and --limit 1 or more")
     functions, methods = stubs(sys.stdlib_module_names)
     # Functions first, then methods, each shuffled: a longer list keeps the prompts of a shorter one.
     names = []
@@ -95,7 +97,7 @@ def main() -> int:
         random.Random(args.seed).shuffle(keys)
         names += keys
     source = functions | methods
-    end = args.start + args.limit if args.limit else len(names)
+    end = len(names) if args.limit is None else args.start + args.limit
     with open(args.out, "w") as f:
         for number in range(args.start, min(end, len(names))):
             prompt = f"{ASKS[number % len(ASKS)]}\n```python\n{source[names[number]]}```"

@@ -41,3 +41,5 @@ def test_a_later_slice_continues_the_list_and_a_longer_list_keeps_a_shorter_one(
     assert make(tmp_path / "c.jsonl", "1", "--start", "30", "--limit", "20").splitlines() == whole[30:50]
     functions = [line for line in whole if len(json.loads(line)["source"].split(".")) == 2]
     assert whole[: len(functions)] == functions  # functions first: adding methods did not reorder them
+    refused = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "e.jsonl"), "--start", "-1"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--start must be 0 or more" in refused.stderr and not (tmp_path / "e.jsonl").exists()
