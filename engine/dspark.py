@@ -87,13 +87,24 @@ class MarkovHead(nn.Module):
     def weights(self, vocab: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The head's tensors; with a draft vocabulary, W2 keeps only its tokens' rows (W1 is indexed by
         the previous token, which may be any token of the target's)."""
-        w2 = self.markov_w2.weight if vocab is None else self.markov_w2.weight[vocab]
-        w = {"w1": self.markov_w1.weight, "w2": w2}
+        w = {"w1": self.markov_w1.weight, "w2": self.markov_w2.weight if vocab is None else self._rows(vocab)}
         if self.kind == "gated":
             w |= {"gate_w": self.gate_proj.weight, "gate_b": self.gate_proj.bias}
         if self.kind == "rnn":
             w |= {"joint_w": self.joint_proj.weight, "joint_b": self.joint_proj.bias}
         return w
+
+    def _rows(self, vocab: torch.Tensor) -> torch.Tensor:
+        """W2's rows for the draft vocabulary. Outside autograd they are gathered once and kept (the
+        gather cost a tenth of a CPU draft), until the weight or the vocabulary changes; training
+        gathers them every time, so gradients reach W2."""
+        weight = self.markov_w2.weight
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return weight[vocab]
+        kept = getattr(self, "_kept", None)  # (weight, its version, vocab, its version, rows)
+        if kept is None or kept[0] is not weight or kept[1] != weight._version or kept[2] is not vocab or kept[3] != vocab._version:
+            self._kept = kept = (weight, weight._version, vocab, vocab._version, weight.detach()[vocab])
+        return kept[4]
 
 
 class ConfidenceHead(nn.Module):

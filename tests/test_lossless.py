@@ -82,6 +82,21 @@ def test_greedy_identity_with_a_draft_vocabulary(variant, tiny_target, reference
             assert drafted and drafted <= set(vocab)
 
 
+def test_kept_markov_rows_follow_the_weights_and_the_vocabulary(tiny_target, reference, tmp_path):
+    drafter = load_drafter(str(with_draft_vocab(tmp_path, "dspark", list(range(1, 512, 3)))), tiny_target)
+    head, w2 = drafter.markov_head, drafter.markov_head.markov_w2.weight
+    with torch.inference_mode():
+        kept = head.weights(drafter.draft_vocab)["w2"]
+        assert torch.equal(kept, w2[drafter.draft_vocab]) and head.weights(drafter.draft_vocab)["w2"] is kept
+    with torch.no_grad():
+        w2.mul_(2)  # an optimizer step, or a checkpoint loaded in place
+    assert torch.equal(head.weights(drafter.draft_vocab)["w2"], w2[drafter.draft_vocab])
+    other = torch.arange(0, 512, 5)
+    assert torch.equal(head.weights(other)["w2"], w2[other])
+    w2.requires_grad_(True)
+    assert head.weights(other)["w2"].requires_grad  # training gathers with autograd, so W2 learns
+
+
 def recording_sources(hybrid: LookupOrDraft) -> list[str]:
     """Which of its two drafters made each proposal: prompt lookup's carry their match length."""
     sources, propose = [], hybrid.propose
