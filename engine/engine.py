@@ -38,8 +38,8 @@ class Engine:
     ) -> "Engine":
         """A drafter with prompt lookup copies where the context repeats itself and drafts with the model
         elsewhere (LookupOrDraft). With neither asked for, a target with a shipped drafter gets it with
-        prompt lookup, the fastest way on the bench sets or level with the fastest (`default_drafter=False`
-        loads no drafter: plain decoding)."""
+        prompt lookup, the fastest way on code and maths and close to prompt lookup alone on chat
+        (README, "The shipped drafter"; `default_drafter=False` loads no drafter: plain decoding)."""
         if not drafter and not prompt_lookup and default_drafter:
             drafter = shipped_drafter(target)
             prompt_lookup = drafter is not None
