@@ -343,6 +343,7 @@ def report(results: list[Result], modes: list[Mode], divergences: list[dict], sa
         stats = [r.stats for r in mine]
         rounds = sum(s.get("rounds", 0) for s in stats)
         verified = sum(s.get("verified", 0) for s in stats)
+        drafting, round_ms = sum(s.get("draft_ms", 0) for s in stats), sum(s.get("draft_ms", 0) + s.get("verify_ms", 0) for s in stats)
         note = _identity_note(mode, modes, sampling)
         rows[mode.name] = {
             "decode_tokens_per_s_median": statistics.median(rates),
@@ -353,6 +354,8 @@ def report(results: list[Result], modes: list[Mode], divergences: list[dict], sa
             # Only our loop reports its rounds: transformers and llama.cpp modes get None here.
             "tau": sum(s.get("tau", 0) * s.get("rounds", 0) for s in stats) / rounds if rounds else None,
             "acceptance_rate": sum(s.get("accepted", 0) for s in stats) / verified if verified else None,
+            # Of the decode rounds' time; None where nothing was drafted (the baseline, other libraries).
+            "draft_share": drafting / round_ms if round_ms and any(s.get("drafted") for s in stats) else None,
             "acceptance_by_position": _acceptance_by_position(stats),
             "identity_checked": note is None,
             "identity_note": note,
@@ -391,7 +394,7 @@ def _ratios(results: list[Result], name: str, reference: str) -> list[float]:
 
 
 def format_table(report: dict) -> str:
-    head = f"{'mode':<22}{'tok/s':>8}{'(min-max)':>16}{'TTFT ms':>9}{'tau':>6}{'accept':>8}{'vs base':>9}{'vs hf':>7}{'ties':>6}{'bugs':>6}"
+    head = f"{'mode':<22}{'tok/s':>8}{'(min-max)':>16}{'TTFT ms':>9}{'tau':>6}{'accept':>8}{'draft':>7}{'vs base':>9}{'vs hf':>7}{'ties':>6}{'bugs':>6}"
     lines = [head, "-" * len(head)]
 
     def num(value, fmt):
@@ -401,7 +404,8 @@ def format_table(report: dict) -> str:
         spread = f"({row['decode_tokens_per_s_min']:.1f}-{row['decode_tokens_per_s_max']:.1f})"
         lines.append(
             f"{name:<22}{row['decode_tokens_per_s_median']:>8.1f}{spread:>16}{row['time_to_first_token_ms_median']:>9.0f}"
-            f"{num(row['tau'], '.2f'):>6}{num(row['acceptance_rate'], '.0%'):>8}{num(row['speedup_vs_baseline'], '.2f'):>9}"
+            f"{num(row['tau'], '.2f'):>6}{num(row['acceptance_rate'], '.0%'):>8}"
+            f"{num(row['draft_share'], '.0%'):>7}{num(row['speedup_vs_baseline'], '.2f'):>9}"
             f"{num(row['speedup_vs_hf'], '.2f'):>7}{num(row['near_ties'], 'd'):>6}{num(row['mismatches'], 'd'):>6}"
         )
     for name, row in report["modes"].items():
@@ -493,7 +497,7 @@ def main(args) -> int:
     prompts = read_prompts(Path(args.prompts), args.limit)
     if not prompts:
         raise ValueError(f"{args.prompts}: no prompts")
-    engine = Engine.load(args.target, args.drafter, False, args.dtype, args.device, "auto")
+    engine = Engine.load(args.target, args.drafter, False, args.dtype, args.device, "auto", float_drafter=args.float_drafter)
     assistant = load_target(args.assistant, args.dtype, args.device) if args.assistant else None
     names = args.modes or ([BASELINE, "prompt-lookup", "hf", "hf-prompt-lookup"] + (["drafter"] if args.drafter else [])
                            + (["hf-assisted"] if args.assistant else []))

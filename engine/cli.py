@@ -10,6 +10,9 @@ import sys
 
 from .scheduler import MODES
 
+FLOAT_DRAFTER_HELP = ("keep a drafter's weights in float on a CPU; by default they run in int8 there, "
+                      "which halves a draft's cost and changes no output")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspark-chat")
@@ -52,6 +55,7 @@ def _add_model_flags(sub) -> None:
     sub.add_argument("--scheduler", choices=MODES, default="auto", help="how many drafts to verify (default auto)")
     sub.add_argument("--threshold", type=float, default=0.5, help="confidence threshold for --scheduler threshold")
     sub.add_argument("--calibration", help="per-position temperature file (default: calibration.json beside the drafter)")
+    sub.add_argument("--float-drafter", action="store_true", help=FLOAT_DRAFTER_HELP)
     sub.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     sub.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
     sub.add_argument("--quant", choices=["none", "8bit", "4bit"], help="with --model: bitsandbytes quantisation (default: planned)")
@@ -130,6 +134,7 @@ def _add_bench_command(commands) -> None:
                        "llama.cpp (a GGUF target; pip install llama-cpp-python)")
     bench.add_argument("--prompt-lookup-tokens", type=int, default=10, help="tokens prompt lookup drafts a round")
     bench.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    bench.add_argument("--float-drafter", action="store_true", help=FLOAT_DRAFTER_HELP)
     bench.add_argument("--device")
     bench.add_argument("--json", help="write the full report (machine, per-mode summary, every run) here")
     bench.add_argument("--plot", help="write a PNG here: speedup per mode and acceptance per draft position (needs matplotlib)")
@@ -145,7 +150,7 @@ def generate(args) -> int:
 
     engine = Engine.load(
         args.target, args.drafter, args.prompt_lookup, args.dtype, args.device, args.scheduler, args.threshold, args.calibration,
-        default_drafter=not args.no_spec, placement=placement,
+        default_drafter=not args.no_spec, placement=placement, float_drafter=args.float_drafter,
     )
     if args.raw:
         prompt_ids = engine.tokenizer(args.prompt, add_special_tokens=False)["input_ids"]

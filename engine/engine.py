@@ -35,11 +35,13 @@ class Engine:
         calibration: str | None = None,
         default_drafter: bool = True,
         placement=None,
+        float_drafter: bool = False,
     ) -> "Engine":
         """A drafter with prompt lookup copies where the context repeats itself and drafts with the model
         elsewhere (LookupOrDraft). With neither asked for, a target with a shipped drafter gets it with
         prompt lookup, the fastest way on code and maths and close to prompt lookup alone on chat
-        (README, "The shipped drafter"; `default_drafter=False` loads no drafter: plain decoding)."""
+        (README, "The shipped drafter"; `default_drafter=False` loads no drafter: plain decoding). On a CPU the
+        drafter runs in int8 unless `float_drafter` (load_drafter)."""
         if not drafter and not prompt_lookup and default_drafter:
             drafter = shipped_drafter(target)
             prompt_lookup = drafter is not None
@@ -48,7 +50,7 @@ class Engine:
         plan = Scheduler(mode=scheduler, threshold=threshold)
         if drafter:
             folder = model_dir(drafter)
-            draft = load_drafter(str(folder), loaded)
+            draft = load_drafter(str(folder), loaded, int8=not float_drafter)
             if prompt_lookup:
                 draft = LookupOrDraft(draft)
             if calibration is None and (folder / "calibration.json").is_file():

@@ -640,7 +640,7 @@ def run(args, name: str, placement: dict | None = None) -> int:
 
         # Loaded with the scheduler off so that profiling, the slow part of start-up, shows in /health.
         engine = Engine.load(args.target, args.drafter, args.prompt_lookup, args.dtype, args.device, "off", args.threshold,
-                             args.calibration, placement=placement)
+                             args.calibration, placement=placement, float_drafter=args.float_drafter)
         engine.scheduler.mode = args.scheduler
         if args.scheduler == "auto" and engine.drafter is not None:
             service.set_state("profiling", "measuring the target's verify speed for the auto scheduler")

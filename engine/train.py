@@ -275,7 +275,7 @@ def block_hidden(drafter: DSparkDrafter, features: torch.Tensor, block_ids: torc
     """
     S, A, g = block_ids.shape
     C, n = features.shape[1], A * g
-    x = drafter.embed_tokens(block_ids.reshape(S, n)).to(drafter.fc.weight.dtype)
+    x = drafter.embed_tokens(block_ids.reshape(S, n)).to(drafter.dtype)
     context = drafter.hidden_norm(drafter.fc(features.to(x.dtype)))
     ctx_pos = torch.arange(C, device=x.device)
     blk_pos = (anchors[..., None] + torch.arange(g, device=x.device)).reshape(S, n)

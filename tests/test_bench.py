@@ -25,7 +25,7 @@ from .conftest import REFERENCE, make_tiny_pair
 MODES = ["baseline", "drafter", "drafter:threshold", "drafter+lookup", "prompt-lookup", "prompt-lookup:off", "hf", "hf-prompt-lookup", "hf-assisted"]
 ROW_FIELDS = {
     "decode_tokens_per_s_median", "decode_tokens_per_s_min", "decode_tokens_per_s_max", "time_to_first_token_ms_median",
-    "tokens", "tau", "acceptance_rate", "acceptance_by_position", "identity_checked", "identity_note", "near_ties",
+    "tokens", "tau", "acceptance_rate", "draft_share", "acceptance_by_position", "identity_checked", "identity_note", "near_ties",
     "mismatches", "speedup_vs_baseline", "speedup_vs_baseline_range", "speedup_vs_hf", "speedup_vs_hf_range",
 }
 REPORT_FIELDS = {"machine", "target", "sampling", "max_new_tokens", "modes", "outputs_identical", "divergences", "runs"}
@@ -67,6 +67,10 @@ def test_every_mode_runs_and_greedy_outputs_agree(tiny_target, assistant, prompt
     for name in ("drafter", "drafter+lookup", "prompt-lookup"):
         curve = rows[name]["acceptance_by_position"]
         assert curve and all(a is None or 0 <= a <= 1 for a in curve)
+    for name in ("drafter", "drafter+lookup", "prompt-lookup"):
+        assert 0 < rows[name]["draft_share"] < 1
+    for name in ("baseline", "hf", "hf-prompt-lookup", "hf-assisted"):  # drafts nothing, or does not report its rounds
+        assert rows[name]["draft_share"] is None
     for name in ("hf", "hf-prompt-lookup", "hf-assisted"):  # generate() does not report its rounds
         assert rows[name]["tau"] is None and rows[name]["acceptance_by_position"] is None
     assert {"cpu", "cores", "gpus", "torch", "transformers"} <= set(report["machine"])

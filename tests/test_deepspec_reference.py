@@ -17,7 +17,7 @@ VARIANTS = ["dspark", "dspark_gated", "dspark_rnn", "dflash"]
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_proposals_match_deepspec(variant, tiny_target, reference):
-    drafter = load_drafter(str(REFERENCE / variant), tiny_target)
+    drafter = load_drafter(str(REFERENCE / variant), tiny_target, int8=False)  # float, as DeepSpec runs it
     for run in reference["runs"][variant]:
         prompt = reference["prompts"][run["prompt_index"]]
         tiny_target.rewind(0)
@@ -34,7 +34,7 @@ def test_proposals_match_deepspec(variant, tiny_target, reference):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_forced_rounds_match_deepspec(variant, tiny_target, reference):
     """Rounds that accept 0..7 drafts: the drafter's context cache must grow and crop as DeepSpec's."""
-    drafter = load_drafter(str(REFERENCE / variant), tiny_target)
+    drafter = load_drafter(str(REFERENCE / variant), tiny_target, int8=False)  # float, as DeepSpec runs it
     for run, greedy in zip(reference["forced_runs"][variant], reference["baseline_output_ids_extended"]):
         prompt = reference["prompts"][run["prompt_index"]]
         tiny_target.rewind(0)

@@ -48,7 +48,7 @@ def test_the_target_is_the_multimodal_gemma4_and_sizes_come_from_its_text_config
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_proposals_match_deepspec(variant, gemma4_target, gemma4_reference):
-    drafter = load_drafter(str(GEMMA4 / variant), gemma4_target)
+    drafter = load_drafter(str(GEMMA4 / variant), gemma4_target, int8=False)  # float, as DeepSpec runs it
     assert isinstance(drafter, Gemma4DSparkDrafter)
     for run in gemma4_reference["runs"][variant]:
         prompt = gemma4_reference["prompts"][run["prompt_index"]]
@@ -68,7 +68,7 @@ def test_proposals_match_deepspec(variant, gemma4_target, gemma4_reference):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_forced_rounds_match_deepspec(variant, gemma4_target, gemma4_reference):
     """Rounds that accept 0..7 drafts, past the target's sliding window: both caches crop as DeepSpec's."""
-    drafter = load_drafter(str(GEMMA4 / variant), gemma4_target)
+    drafter = load_drafter(str(GEMMA4 / variant), gemma4_target, int8=False)  # float, as DeepSpec runs it
     schedule = gemma4_reference["forced_run_schedule"]
     for run, greedy in zip(gemma4_reference["forced_runs"][variant], gemma4_reference["baseline_output_ids_extended"]):
         prompt = gemma4_reference["prompts"][run["prompt_index"]]
@@ -87,7 +87,7 @@ def test_forced_rounds_match_deepspec(variant, gemma4_target, gemma4_reference):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_first_block_logits_match_deepspec(variant, gemma4_target, gemma4_reference):
     """The soft-capped logits themselves, not just their argmax: scaled embeddings, norms, RoPE, layer scalars."""
-    drafter = load_drafter(str(GEMMA4 / variant), gemma4_target)
+    drafter = load_drafter(str(GEMMA4 / variant), gemma4_target, int8=False)  # float, as DeepSpec runs it
     for run in gemma4_reference["runs"][variant]:
         prompt = gemma4_reference["prompts"][run["prompt_index"]]
         fresh(gemma4_target, drafter)

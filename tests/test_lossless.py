@@ -70,7 +70,7 @@ def with_draft_vocab(folder, variant, ids):
 def test_greedy_identity_with_a_draft_vocabulary(variant, tiny_target, reference, profile, tmp_path):
     vocab = list(range(1, 512, 3))
     drafter = load_drafter(str(with_draft_vocab(tmp_path, variant, vocab)), tiny_target)
-    assert drafter.draft_vocab.tolist() == vocab and drafter.draft_head.weight.shape[0] == len(vocab)
+    assert drafter.draft_vocab.tolist() == vocab and drafter.draft_head.out_features == len(vocab)
     for mode in ("off", "auto"):
         scheduler = Scheduler(mode=mode, threshold=0.6, sps=profile)
         for prompt in prompts(reference):

@@ -127,8 +127,8 @@ def test_training_raises_acceptance_on_new_prompts_and_decodes_losslessly(traine
 
 def test_training_forward_is_the_inference_backbone(trained, target):
     """block_hidden runs many blocks in one pass with a mask; propose runs one with cached context.
-    Both must give the same hidden states for the same anchor."""
-    drafter = load_drafter(str(trained[1]), target)
+    Both must give the same hidden states for the same anchor (in float: training never runs int8)."""
+    drafter = load_drafter(str(trained[1]), target, int8=False)
     g = torch.Generator().manual_seed(3)
     features = torch.randn(30, drafter.fc.in_features, generator=g)
     ids = torch.randint(4, 512, (30,), generator=g)
@@ -147,7 +147,7 @@ def test_training_forward_is_the_inference_backbone(trained, target):
 
 
 def test_the_loss_over_a_draft_vocabulary_is_the_whole_loss_with_the_draft_zero_outside_it(trained, target):
-    drafter = load_drafter(str(trained[1]), target)
+    drafter = load_drafter(str(trained[1]), target, int8=False)
     g = torch.Generator().manual_seed(5)
     d, V = drafter.fc.weight.shape[0], target.vocab_size
     sequences = [Sequence(torch.randint(4, V, (40,), generator=g), 8, torch.randn(39, drafter.fc.in_features, generator=g),
@@ -284,3 +284,39 @@ def test_the_embedded_model_gets_the_shipped_drafter_and_decodes_losslessly_with
     plain = [s.to_dict() for s in engine.generate(ids, max_new_tokens=48, speculative=False)]
     assert [t for s in spec for t in s["token_ids"]] == [t for s in plain for t in s["token_ids"]]
     assert sum(s["accepted"] for s in spec) > 0
+
+
+@pytest.mark.slow
+def test_the_shipped_drafter_drafts_in_int8_as_in_float(smollm2):
+    """On a CPU the drafter's own weights run in int8 (DSparkDrafter.quantize). Its blocks after every
+    position of a real answer must stay the float drafter's, almost always; the target's shared
+    embeddings and LM head stay float."""
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    from dspark_chat.engine.catalog import SHIPPED_DRAFTERS
+    from dspark_chat.engine.sampling import Sampling
+
+    folder = str(SHIPPED_DRAFTERS["smollm2"])
+    int8, float32 = load_drafter(folder, smollm2), load_drafter(folder, smollm2, int8=False)
+    for module in (int8.layers[0].mlp.down_proj, int8.layers[-1].self_attn.q_proj, int8.draft_head):
+        assert isinstance(module, Int8Linear)
+    assert type(float32.draft_head) is torch.nn.Linear and type(float32.fc) is torch.nn.Linear
+    assert int8.lm_head is smollm2.model.get_output_embeddings() and type(int8.lm_head) is torch.nn.Linear
+    answer = ("def running_max(numbers):\n    result = []\n    best = None\n    for n in numbers:\n"
+              "        if best is None or n > best:\n            best = n\n        result.append(best)\n    return result\n")
+    ids = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "Write running_max(numbers) in Python."},
+                                                 {"role": "assistant", "content": answer}], tokenize=True, return_dict=True)["input_ids"]
+    smollm2.rewind(0)
+    _, features = smollm2.forward(ids, int8.feature_layers)
+    smollm2.rewind(0)
+    same_first = same_block = 0
+    for p in range(start := len(ids) - 60, len(ids)):
+        blocks = []
+        for drafter in (int8, float32):
+            drafter.rewind(0)
+            drafter.observe(features[:p])
+            blocks.append(drafter.propose(torch.tensor(ids[: p + 1]), 7, Sampling()).tokens.tolist())
+        same_first += blocks[0][0] == blocks[1][0]
+        same_block += blocks[0] == blocks[1]
+    positions = len(ids) - start
+    assert same_first >= 0.9 * positions and same_block >= 0.6 * positions, (same_first, same_block, positions)
