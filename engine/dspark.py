@@ -169,6 +169,7 @@ class DSparkDrafter(nn.Module):
             self.confidence_head = ConfidenceHead(d + (rank if self.confidence_with_markov else 0))
         self.draft_vocab: torch.Tensor | None = None
         self.draft_head: nn.Linear | None = None
+        self.int8 = False  # whether quantize() ran
         self.rewind(0)
 
     def use_draft_vocab(self, ids: torch.Tensor) -> None:
@@ -195,6 +196,7 @@ class DSparkDrafter(nn.Module):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch marks eager quantisation deprecated in favour of torchao, and keeps it
             quantize_dynamic(self, own, inplace=True)
+        self.int8 = True
 
     # --- the sequence state -------------------------------------------------------------------
     def rewind(self, length: int) -> int:

@@ -106,10 +106,13 @@ class Engine:
     def describe(self) -> str:
         kind = "no drafter"
         if isinstance(self.drafter, DSparkDrafter):
-            kind = f"drafter block {self.drafter.block_size}, scheduler {self.scheduler.mode}"
+            kind = f"drafter {_block(self.drafter)}, scheduler {self.scheduler.mode}"
         elif isinstance(self.drafter, LookupOrDraft):
-            kind = (f"prompt lookup, else drafter block {self.drafter.drafter.block_size}, "
-                    f"scheduler {self.scheduler.mode}")
+            kind = f"prompt lookup, else drafter {_block(self.drafter.drafter)}, scheduler {self.scheduler.mode}"
         elif isinstance(self.drafter, PromptLookupDrafter):
             kind = "prompt lookup"
         return f"{self.target.name} ({self.target.dtype}, {self.target.device}), {kind}"
+
+
+def _block(drafter: DSparkDrafter) -> str:
+    return f"block {drafter.block_size}" + (" in int8" if drafter.int8 else "")

@@ -421,14 +421,16 @@ def test_generate_with_a_catalog_pair_downloads_and_decodes(hub, tiny_repo, tmp_
                  "--dtype", "float32", "--device", "cpu", endpoint=hub.url)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert "drafter block 7" in out["engine"] and len(out["token_ids"]) == 12
+    assert "drafter block 7 in int8" in out["engine"] and len(out["token_ids"]) == 12
     assert sum(len(s["draft_ids"]) for s in out["steps"]) > 0  # the drafter took part
     assert hub.requests(r"^/cdn/") and (cache_folder(tmp_path, "acme/tiny-dspark") / "refs" / "main").is_file()
-    # The plan's overrides apply to --model: here one device, weights unquantised, offline from the cache.
+    # The plan's overrides apply to --model: here one device, weights unquantised, offline from the cache;
+    # the drafter in float drafts otherwise, and the text stays the target's.
     placed = run(tmp_path, "generate", "--model", "tiny-dspark", "hello", "--json", "--max-new-tokens", "12",
-                 "--dtype", "float32", "--device-map", "cpu", "--quant", "none", offline=True)
+                 "--dtype", "float32", "--device-map", "cpu", "--quant", "none", "--float-drafter", offline=True)
     assert placed.returncode == 0, placed.stderr
     assert json.loads(placed.stdout)["token_ids"] == out["token_ids"]
+    assert "drafter block 7, scheduler" in json.loads(placed.stdout)["engine"]
     clash = run(tmp_path, "generate", "--model", "tiny-dspark", "--target", "smollm2", "hi")
     assert clash.returncode == 2 and "not allowed with argument" in clash.stderr
 

@@ -136,7 +136,10 @@ def test_a_drafter_with_prompt_lookup_loads_as_the_two_taking_turns(tiny_target_
                          device="cpu", scheduler="off")
     assert isinstance(engine.drafter, LookupOrDraft) and isinstance(engine.drafter.drafter, DSparkDrafter)
     assert engine.drafter.feature_layers == engine.drafter.drafter.feature_layers
-    assert engine.describe().endswith("prompt lookup, else drafter block 7, scheduler off")
+    assert engine.describe().endswith("prompt lookup, else drafter block 7 in int8, scheduler off")
+    floating = Engine.load(str(tiny_target_dir), str(REFERENCE / "dspark"), prompt_lookup=True, dtype="float32",
+                           device="cpu", scheduler="off", float_drafter=True)
+    assert floating.describe().endswith("prompt lookup, else drafter block 7, scheduler off")
 
 
 class SteeredLookup(PromptLookupDrafter):

@@ -124,7 +124,7 @@ def test_listening_line_health_and_models(server):
     assert server.listening["host"] == "127.0.0.1" and server.listening["port"] > 0
     assert set(server.states) <= {"loading", "ready"}
     health = server.http.get("/health").json()
-    assert health["context_length"] == 1024 and "drafter block 7" in health["engine"]
+    assert health["context_length"] == 1024 and "drafter block 7 in int8" in health["engine"]
     models = server.openai().models.list()
     assert [m.id for m in models.data] == [server.name]
 
