@@ -10,7 +10,7 @@ import sys
 
 from .scheduler import MODES
 
-FLOAT_DRAFTER_HELP = ("keep a drafter's weights in float on a CPU; by default they run in int8 there, "
+FLOAT_DRAFTER_HELP = ("keep a drafter's weights in float on an x86 CPU; by default they run in int8 there, "
                       "which halves a draft's cost and changes no output")
 
 

@@ -135,7 +135,7 @@ def load_target(spec: str, dtype: str = "auto", device: str | None = None, place
 
 def load_drafter(spec: str, target: Target, int8: bool = True) -> DSparkDrafter:
     """A drafter in DeepSpec's layout (config.json + model.safetensors), checked against the target. Beside
-    a float32 target on a CPU its own weights run in int8 (DSparkDrafter.quantize) unless int8 is False."""
+    a float32 target on an x86 CPU its own weights run in int8 (DSparkDrafter.quantize) unless int8 is False."""
     folder = model_dir(spec)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -199,7 +199,8 @@ def load_drafter(spec: str, target: Target, int8: bool = True) -> DSparkDrafter:
     drafter.rotary_emb = type(drafter.rotary_emb)(config).to(device)  # frequencies are computed, not stored
     if (folder / DRAFT_VOCAB_FILE).is_file():
         drafter.use_draft_vocab(read_draft_vocab(folder / DRAFT_VOCAB_FILE, target.vocab_size))
-    if int8 and device.type == "cpu" and target.dtype == torch.float32:
+    # fbgemm's kernels (x86) are the ones measured and tested; ARM's qnnpack is left in float.
+    if int8 and device.type == "cpu" and target.dtype == torch.float32 and torch.backends.quantized.engine in ("x86", "fbgemm"):
         drafter.quantize()
     cpu_linear.speed_up(drafter, cache_dir())  # a block's rows meet the same slow products as a verify pass
     return drafter.eval()
