@@ -7,7 +7,11 @@ cost 1.7x a pass over 1 and speculation could barely pay. The same product compu
 round, (W @ x^T)^T, takes the fast path for few rows (the LM head over 2 rows: 5 ms instead of 20).
 Which way wins depends on the BLAS, the CPU, the shape and the row count, so it is measured once per
 weight shape and row count on this machine (a few seconds) and cached; each nn.Linear on the CPU then
-takes the faster way for the row counts where it measured clearly faster (by FASTER_BY). One row (a
+takes the faster way for the row counts where it measured clearly faster (by FASTER_BY). It is measured
+as a pass meets it: over every layer of the model with that shape in turn, so the weights stream from
+memory. One matrix multiplied again and again sits in the cache and favours the other way: SmolLM2's
+576 -> 1536 projection over 5 rows, hot, 0.56 ms plain against 0.33 transposed, but its 30 layers in
+turn 13.1 ms against 8.5, and hot measurements on a busy machine left 2, 3 and 5-8 rows on the slow way. One row (a
 plain decoding step) can gain too: it goes as two rows, the second zero, where BLAS's matrix-vector
 product is the slower one (SmolLM2's LM head: 7.8 ms, against 5.1 ms).
 """
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MAX_ROWS = 17  # the longest verify pass the engine runs: a block of 16 drafts and its anchor
-MEASURED_ROWS = "1.."  # choices cached before one-row products were measured are measured again
+MEASURED_ROWS = "1..,streamed"  # choices cached by an older way of measuring are measured again
 FASTER_BY = 0.1  # keep torch's own product unless the other way is at least this much faster
 MIN_WEIGHTS = 1 << 18  # smaller matrices cost microseconds either way: measuring them would only pick noise
 
@@ -64,14 +68,15 @@ def _fastest_seconds(runs, repeats: int) -> list[float]:
     return best
 
 
-def measure(weight: torch.Tensor, max_rows: int = MAX_ROWS, repeats: int = 5) -> list[int]:
-    """Row counts (1..max_rows) for which (W @ x^T)^T beats F.linear on this weight's shape and dtype."""
+def measure(weights: list[torch.Tensor], max_rows: int = MAX_ROWS, repeats: int = 7) -> list[int]:
+    """Row counts (1..max_rows) for which (W @ x^T)^T beats F.linear over these weights (one shape and
+    dtype), each product run over all of them in turn, as a pass runs them."""
     faster = []
-    w = torch.randn_like(weight)
     for rows in range(1, max_rows + 1):
-        x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+        x = torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
         with torch.inference_mode():
-            plain, swapped = _fastest_seconds([lambda: F.linear(x, w), lambda: _transposed(w, x).contiguous()], repeats)
+            plain, swapped = _fastest_seconds([lambda: [F.linear(x, w) for w in weights],
+                                               lambda: [_transposed(w, x).contiguous() for w in weights]], repeats)
         if swapped < plain * (1 - FASTER_BY):
             faster.append(rows)
     return faster
@@ -101,7 +106,7 @@ def speed_up(model: nn.Module, cache: Path | None) -> dict[str, list[int]]:
     if choice is None or set(choice) != set(shapes):
         weights = {}
         for m in linears:
-            weights.setdefault(_key(m.weight.shape, m.weight.dtype), m.weight)
+            weights.setdefault(_key(m.weight.shape, m.weight.dtype), []).append(m.weight.detach())
         choice = {key: measure(weights[key]) for key in shapes}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,11 +37,12 @@ def test_transposed_product_matches_linear_and_trains():
 
 def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(cpu_linear, "measure", lambda weight, *a, **k: calls.append(tuple(weight.shape)) or [2, 4])
+    monkeypatch.setattr(cpu_linear, "measure", lambda weights, *a, **k: calls.append([tuple(w.shape) for w in weights]) or [2, 4])
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.Linear(8, 16))
     choice = cpu_linear.speed_up(model, tmp_path)
     assert choice == {"16x8:float32": [2, 4], "8x16:float32": [2, 4]}
-    assert sorted(calls) == [(8, 16), (16, 8)]  # one measurement per shape, not per layer
+    # One measurement per shape, not per layer, over every layer of that shape (as a pass reads them).
+    assert sorted(calls) == [[(8, 16)], [(16, 8), (16, 8)]]
     assert model[3].transposed_rows == {2, 4}
     [cached] = (tmp_path / "cpu-linear").glob("*.json")
     assert json.loads(cached.read_text())["transposed_rows"] == choice
@@ -56,7 +57,7 @@ def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch)
 
 
 def test_quantised_and_offloaded_layers_are_left_alone(tmp_path, monkeypatch):
-    monkeypatch.setattr(cpu_linear, "measure", lambda weight, *a, **k: [2])
+    monkeypatch.setattr(cpu_linear, "measure", lambda weights, *a, **k: [2])
 
     class PackedLinear(nn.Linear):  # as bitsandbytes' Linear4bit: a subclass holding packed weights
         pass
@@ -73,7 +74,7 @@ def test_quantised_and_offloaded_layers_are_left_alone(tmp_path, monkeypatch):
 
 
 def test_measure_reports_row_counts_in_range():
-    rows = cpu_linear.measure(torch.randn(64, 32), max_rows=5, repeats=3)
+    rows = cpu_linear.measure([torch.randn(64, 32), torch.randn(64, 32)], max_rows=5, repeats=3)
     assert set(rows) <= {1, 2, 3, 4, 5}
 
 
