@@ -3,6 +3,8 @@ and the hidden states a drafter reads."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
 
@@ -25,6 +27,8 @@ class Target:
         head = model.get_output_embeddings()
         self.output_device = head.weight.device if head is not None and head.weight.device.type != "meta" else self.device
         self.stop_ids = _stop_ids(model, tokenizer)
+        # Later transformers 5 releases name the cache argument `cache` and warn on `past_key_values`.
+        self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.rewind(0)
 
     def rewind(self, length: int) -> None:
@@ -65,7 +69,7 @@ class Target:
         layer i, -1 the embeddings)."""
         out = self.model(
             input_ids=torch.tensor([ids], device=self.device),
-            past_key_values=self.cache,
+            **{self._cache_argument: self.cache},
             use_cache=True,
             output_hidden_states=bool(feature_layers),
             logits_to_keep=1 if last_only else 0,
