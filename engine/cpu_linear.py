@@ -7,13 +7,13 @@ cost 1.7x a pass over 1 and speculation could barely pay. The same product compu
 round, (W @ x^T)^T, takes the fast path for few rows (the LM head over 2 rows: 5 ms instead of 20).
 Which way wins depends on the BLAS, the CPU, the shape and the row count, so it is measured once per
 weight shape and row count on this machine (a few seconds) and cached; each nn.Linear on the CPU then
-takes the faster way for the row counts where it measured clearly faster (by FASTER_BY). It is measured
-as a pass meets it: over every layer of the model with that shape in turn, so the weights stream from
-memory. One matrix multiplied again and again sits in the cache and favours the other way: SmolLM2's
-576 -> 1536 projection over 5 rows, hot, 0.56 ms plain against 0.33 transposed, but its 30 layers in
-turn 13.1 ms against 8.5, and hot measurements on a busy machine left 2, 3 and 5-8 rows on the slow way. One row (a
-plain decoding step) can gain too: it goes as two rows, the second zero, where BLAS's matrix-vector
-product is the slower one (SmolLM2's LM head: 7.8 ms, against 5.1 ms).
+takes the faster way for the row counts where it measured clearly faster (by FASTER_BY). Each way is
+timed over the model's layers of that shape in turn, as a pass meets them: the weights stream from
+memory, and each timing spans many products. Timed on one matrix, a product takes a fraction of a
+millisecond and a busy machine's noise decides: so measured, SmolLM2's 576 -> 1536 projection kept the
+slow way for 2, 3 and 5-8 rows, where over 30 such matrices in turn 5 rows take 8.5 ms transposed against
+13.1 plain. One row (a plain decoding step) can gain too: it goes as two rows, the second zero, where
+BLAS's matrix-vector product is the slower one (SmolLM2's LM head: 7.8 ms, against 5.1 ms).
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ MAX_ROWS = 17  # the longest verify pass the engine runs: a block of 16 drafts a
 MEASURED_ROWS = "1..,streamed"  # choices cached by an older way of measuring are measured again
 FASTER_BY = 0.1  # keep torch's own product unless the other way is at least this much faster
 MIN_WEIGHTS = 1 << 18  # smaller matrices cost microseconds either way: measuring them would only pick noise
+# A shape is timed over its layers until they hold this many bytes: more than a CPU's caches, so the
+# products read from memory as in a pass, without a big model's measurement streaming all its weights.
+STREAMED_BYTES = 1 << 28
 
 
 def _transposed_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +109,9 @@ def speed_up(model: nn.Module, cache: Path | None) -> dict[str, list[int]]:
     if choice is None or set(choice) != set(shapes):
         weights = {}
         for m in linears:
-            weights.setdefault(_key(m.weight.shape, m.weight.dtype), []).append(m.weight.detach())
+            same = weights.setdefault(_key(m.weight.shape, m.weight.dtype), [])
+            if sum(w.nbytes for w in same) < STREAMED_BYTES:
+                same.append(m.weight.detach())
         choice = {key: measure(weights[key]) for key in shapes}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,16 @@ def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch)
     assert len(calls) == 2 and json.loads(cached.read_text())["transposed_rows"] == choice
 
 
+def test_a_shape_is_measured_over_its_layers_up_to_the_streamed_bytes(tmp_path, monkeypatch):
+    measured = []
+    monkeypatch.setattr(cpu_linear, "measure", lambda weights, *a, **k: measured.append(len(weights)) or [2])
+    monkeypatch.setattr(cpu_linear, "STREAMED_BYTES", 3 * 16 * 8 * 4)  # three 16 x 8 float32 matrices
+    model = nn.Sequential(*[nn.Linear(8, 16) for _ in range(5)])
+    cpu_linear.speed_up(model, tmp_path)
+    assert measured == [3]
+    assert all(m.transposed_rows == {2} for m in model)  # every layer takes the choice, measured or not
+
+
 def test_quantised_and_offloaded_layers_are_left_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_linear, "measure", lambda weights, *a, **k: [2])
 
