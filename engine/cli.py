@@ -133,6 +133,8 @@ def _add_bench_command(commands) -> None:
     bench.add_argument("--modes", nargs="+", help="baseline, drafter[:off|threshold|auto], drafter+lookup[:off|threshold|auto], prompt-lookup[:off|auto], hf, hf-prompt-lookup, hf-assisted (needs --assistant), "
                        "llama.cpp (a GGUF target; pip install llama-cpp-python)")
     bench.add_argument("--prompt-lookup-tokens", type=int, default=10, help="tokens prompt lookup drafts a round")
+    bench.add_argument("--repeats", type=int, default=1, metavar="N",
+                       help="run each mode N times per prompt and keep its fastest run with the first run's output (steadier on a busy machine)")
     bench.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     bench.add_argument("--float-drafter", action="store_true", help=FLOAT_DRAFTER_HELP)
     bench.add_argument("--device")

@@ -29,7 +29,7 @@ ROW_FIELDS = {
     "tokens", "tau", "acceptance_rate", "draft_share", "acceptance_by_position", "identity_checked", "identity_note", "near_ties",
     "mismatches", "speedup_vs_baseline", "speedup_vs_baseline_range", "speedup_vs_hf", "speedup_vs_hf_range",
 }
-REPORT_FIELDS = {"machine", "target", "sampling", "max_new_tokens", "modes", "outputs_identical", "divergences", "runs"}
+REPORT_FIELDS = {"machine", "target", "sampling", "max_new_tokens", "modes", "outputs_identical", "divergences", "runs", "repeats"}
 
 
 @pytest.fixture
@@ -78,6 +78,31 @@ def test_every_mode_runs_and_greedy_outputs_agree(tiny_target, assistant, prompt
     runs = report["runs"]
     assert len(runs) == 3 * len(MODES) and {r["turn"] for r in runs} == {0, 1}
     assert "baseline" in format_table(report) and "machine:" in format_table(report)
+
+
+def test_repeats_keep_the_fastest_run_with_the_first_runs_output(tiny_target, prompts, monkeypatch):
+    """Real runs, with their tok/s replaced by a script: per slot, the first run (6 tok/s), a faster one
+    with another output (as unseeded sampling gives: never picked), a faster one with the same output."""
+    real_run = bench_module.run_mode
+    script = iter([6.0, 9.0, 7.0] * 6)  # 3 turns x 2 modes, 3 runs each
+    calls = []
+
+    def scripted(engine, mode, ids, sampling, max_new_tokens):
+        tokens, stats = real_run(engine, mode, ids, sampling, max_new_tokens)
+        rate = next(script)
+        calls.append(rate)
+        return (tokens + [0] if rate == 9.0 else tokens), stats | {"decode_tokens_per_s": rate}
+
+    monkeypatch.setattr(bench_module, "run_mode", scripted)
+    engine = Engine(tiny_target, None)
+    modes = build_modes(engine, ["baseline", "prompt-lookup"], 5)
+    report = bench(engine, read_prompts(prompts, None), modes, Sampling(), 8, warmup=False, repeats=3)
+    assert len(calls) == 18 and report["repeats"] == 3
+    assert [r["decode_tokens_per_s"] for r in report["runs"]] == [7.0] * 6
+    assert report["outputs_identical"] is True  # the first run's output is what is compared
+    assert "fastest of 3 runs" in format_table(report)
+    with pytest.raises(ValueError, match="at least 1"):
+        bench(engine, read_prompts(prompts, None), modes, Sampling(), 8, warmup=False, repeats=0)
 
 
 def test_acceptance_by_position_adds_counts_over_runs():
