@@ -502,8 +502,6 @@ def main(args) -> int:
         return profile(args)
     if not args.prompts:
         raise ValueError("bench needs --prompts FILE (or --profile)")
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     if args.plot:
         try:  # now, rather than after the whole benchmark has run
             import matplotlib  # noqa: F401

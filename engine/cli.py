@@ -119,6 +119,13 @@ def _add_train_command(commands) -> None:
     t.add_argument("--seed", type=int, default=0)
 
 
+def _at_least_one(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def _add_bench_command(commands) -> None:
     bench = commands.add_parser("bench", help="decoding modes side by side on a prompt file: tok/s, tau, identity")
     bench.add_argument("--target", default="smollm2", help="model folder, Hub id, .gguf file, or smollm2 (the default)")
@@ -133,7 +140,7 @@ def _add_bench_command(commands) -> None:
     bench.add_argument("--modes", nargs="+", help="baseline, drafter[:off|threshold|auto], drafter+lookup[:off|threshold|auto], prompt-lookup[:off|auto], hf, hf-prompt-lookup, hf-assisted (needs --assistant), "
                        "llama.cpp (a GGUF target; pip install llama-cpp-python)")
     bench.add_argument("--prompt-lookup-tokens", type=int, default=10, help="tokens prompt lookup drafts a round")
-    bench.add_argument("--repeats", type=int, default=1, metavar="N",
+    bench.add_argument("--repeats", type=_at_least_one, default=1, metavar="N",
                        help="run each mode N times per prompt and keep its fastest run with the first run's output (steadier on a busy machine)")
     bench.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     bench.add_argument("--float-drafter", action="store_true", help=FLOAT_DRAFTER_HELP)

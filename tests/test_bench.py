@@ -231,6 +231,9 @@ def test_profile_prints_the_sps_table_the_scheduler_reads(tiny_target_dir, capsy
 def test_bench_without_prompts_is_refused(capsys):
     assert cli.main(["bench", "--target", "smollm2"]) == 2
     assert "bench needs --prompts FILE (or --profile)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused before any model loads
+        cli.main(["bench", "--prompts", "p.jsonl", "--repeats", "0"])
+    assert "--repeats: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_command_line_writes_json_and_plot(tiny_target_dir, prompts, tmp_path):
