@@ -91,13 +91,17 @@ def _add_train_command(commands) -> None:
                    help="JSON lines with 'turns' (first turn used) or 'prompt'; several files are mixed evenly. Repeat "
                         "--prompts to add a group that is answered and cached on its own: the other groups' answers are reused")
     t.add_argument("--out", required=True, help="output folder: the drafter (DeepSpec layout), calibration.json, checkpoint/ to resume from")
-    t.add_argument("--layers", type=int, default=2, help="drafter decoder layers (default 2)")
-    t.add_argument("--block-size", type=int, default=7, help="tokens drafted per round (default 7)")
-    t.add_argument("--markov-rank", type=int, default=32, help="Markov head rank, 0 for none (default 32)")
-    t.add_argument("--markov-head", choices=["vanilla", "gated", "rnn"], default="vanilla")
+    t.add_argument("--init", metavar="DRAFTER",
+                   help="start from this DSpark drafter (folder or Hub id, DeepSpec layout) instead of random weights: "
+                        "its architecture and draft vocabulary are kept")
+    t.add_argument("--layers", type=int, help="drafter decoder layers (default 2)")
+    t.add_argument("--block-size", type=int, help="tokens drafted per round (default 7)")
+    t.add_argument("--markov-rank", type=int, help="Markov head rank, 0 for none (default 32)")
+    t.add_argument("--markov-head", choices=["vanilla", "gated", "rnn"], help="(default vanilla)")
     t.add_argument("--target-layers", type=lambda v: [int(i) for i in v.split(",")], help="e.g. 1,10,19,28 (default: 4 evenly spaced, never the last)")
-    t.add_argument("--draft-vocab", type=int, default=0, metavar="N",
-                   help="draft only among the N tokens the target's answers use most: a cheaper LM head (default 0: the whole vocabulary)")
+    t.add_argument("--draft-vocab", type=int, metavar="N",
+                   help="draft only among the N tokens the target's answers use most: a cheaper LM head "
+                        "(default: the --init drafter's, else 0, the whole vocabulary)")
     t.add_argument("--mask-token-id", type=int, help="default: the tokenizer's mask, else unk, else pad token")
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warm-up, then cosine decay)")

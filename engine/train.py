@@ -199,6 +199,44 @@ def target_head_dim(target: Target) -> int:
     return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
 
+# option -> (config.json field, default without --init)
+ARCHITECTURE = {"layers": ("num_hidden_layers", 2), "block_size": ("block_size", 7), "markov_rank": ("markov_rank", 32),
+                "markov_head": ("markov_head_type", "vanilla"), "target_layers": ("target_layer_ids", None),
+                "mask_token_id": ("mask_token_id", None)}
+
+
+def resolve_architecture(options, init_config: dict | None) -> None:
+    """Fill in the architecture options left out: the --init drafter's, else the defaults. One given
+    that contradicts the --init drafter is refused: its weights have that shape."""
+    for name, (field, default) in ARCHITECTURE.items():
+        given = getattr(options, name)
+        if init_config is None:
+            setattr(options, name, default if given is None else given)
+            continue
+        theirs = init_config.get(field, default)
+        if given is not None and given != theirs:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {given}: the --init drafter {options.init} has {theirs}; leave {flag} out to keep it")
+        setattr(options, name, theirs)
+
+
+def starting_drafter(spec: str, target: Target, anchors: int) -> tuple[dict, DSparkDrafter]:
+    """The config and weights of a drafter to go on training (--init), loaded and checked as the engine
+    loads drafters, in float."""
+    from .loading import load_drafter, model_dir
+
+    folder = model_dir(spec)  # a Hub id is fetched once, here
+    drafter = load_drafter(str(folder), target, int8=False)  # says what is wrong with a folder that is not a drafter
+    config = json.loads((folder / "config.json").read_text())
+    if (config.get("architectures") or [None])[0] != "Qwen3DSparkModel" or drafter.confidence_head is None:
+        raise ValueError(f"--init {spec}: training goes on from a Qwen3-style DSpark drafter with a confidence head "
+                         f"(what `dspark-chat train` writes); this one is a {(config.get('architectures') or ['(none)'])[0]}"
+                         f"{'' if drafter.confidence_head is not None else ' without a confidence head'}")
+    for key in ("torch_dtype", "dtype"):
+        config.pop(key, None)
+    return config | {"num_anchors": anchors}, drafter
+
+
 def new_drafter(config: dict, target: Target, seed: int) -> DSparkDrafter:
     from transformers import Qwen3Config
 
@@ -510,6 +548,8 @@ def _train(options, log) -> dict:
     target = load_target(options.target, options.dtype, options.device)
     for p in target.model.parameters():
         p.requires_grad_(False)
+    init_config, init = starting_drafter(options.init, target, options.anchors) if options.init else (None, None)
+    resolve_architecture(options, init_config)
     layers = options.target_layers or default_layers(target.num_layers)
     if any(not -1 <= i < target.num_layers - 1 for i in layers):
         raise ValueError(f"--target-layers must be in -1..{target.num_layers - 2} (the last layer's hidden state is post-norm)")
@@ -527,13 +567,21 @@ def _train(options, log) -> dict:
     log(f"data: {len(pool)} training and {len(held)} held-out answers, "
         f"{sum(s.ids.shape[0] - s.prompt_len for s in pool)} training answer tokens")
 
-    config = drafter_config(target, options, layers)
+    config = init_config or drafter_config(target, options, layers)
     drafter = new_drafter(config, target, options.seed)
-    vocab = choose_draft_vocab(pool, options.draft_vocab, target.vocab_size, target.stop_ids)
+    if init is not None:
+        with torch.no_grad():
+            for name, p in trainable(init).items():
+                trainable(drafter)[name].copy_(p)
+    if options.draft_vocab is None and init is not None:
+        vocab, source = init.draft_vocab, "of the --init drafter"
+        vocab = None if vocab is None else vocab.cpu()
+    else:
+        vocab, source = choose_draft_vocab(pool, options.draft_vocab or 0, target.vocab_size, target.stop_ids), "the answers use most"
     coverage = {"train": vocab_coverage(vocab, pool), "held_out": vocab_coverage(vocab, held)}
     if vocab is not None:
         drafter.use_draft_vocab(vocab)
-        log(f"draft vocabulary: the {len(vocab)} tokens the answers use most cover {coverage['train']:.2%} of the "
+        log(f"draft vocabulary: the {len(vocab)} tokens {source} cover {coverage['train']:.2%} of the "
             f"training answers' tokens and {coverage['held_out']:.2%} of the held-out answers'")
     params = trainable(drafter)
     optimizer = torch.optim.AdamW(params.values(), lr=options.lr, weight_decay=0.0)
@@ -602,7 +650,7 @@ def _train(options, log) -> dict:
     drafter.eval()
     result = evaluate(drafter, held, anchors_per_seq=64, seed=options.seed + 1)
     report = calibrate.fit_and_write(result["confidence"], result["match"], out / "calibration.json")
-    summary = {"step": step, "tau_before": history["eval"][0]["tau"], "tau_after": result["tau"],
+    summary = {"step": step, "init": options.init, "tau_before": history["eval"][0]["tau"], "tau_after": result["tau"],
                "held_out_blocks": result["blocks"], "seconds": round(time.time() - started, 1),
                "draft_vocab": None if vocab is None else len(vocab), "draft_vocab_coverage": coverage, **report}
     (out / "training.json").write_text(json.dumps(summary | {"history": history}, indent=1))

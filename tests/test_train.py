@@ -228,6 +228,44 @@ def test_resuming_continues_the_step_count(run, capsys):
         train(args, log=lambda _: None)  # block size 7 and 2 layers: not the run saved there
 
 
+def test_training_goes_on_from_an_init_drafter_keeping_its_architecture_and_vocabulary(trained, run, target, capsys):
+    start_dir, trained_dir = trained
+    random_start = json.loads((start_dir / "training.json").read_text())["tau_before"]
+    out = run("fine-tuned", 10, "--init", str(trained_dir), "--draft-vocab", "48", "--lr", "1e-3")
+    report = json.loads((out / "training.json").read_text())
+    assert report["init"] == str(trained_dir) and report["step"] == 10
+    assert report["tau_before"] > random_start + 0.5  # the trained weights, not a random start
+    assert report["tau_after"] > random_start + 0.5
+    config = json.loads((out / "config.json").read_text())
+    assert config == json.loads((trained_dir / "config.json").read_text())
+    vocab = json.loads((out / "draft_vocab.json").read_text())["ids"]
+    assert len(vocab) == 48
+    drafter = load_drafter(str(out), target)
+    for text in snippets(4, 3):
+        prompt = chat_ids(target, text)
+        assert answer(target, drafter, prompt)[0] == answer(target, None, prompt)[0]
+    capsys.readouterr()
+    # Without --draft-vocab the init drafter's vocabulary is kept; no step leaves its weights as they were.
+    kept = run("kept", 0, "--init", str(out))
+    assert "draft vocabulary: the 48 tokens of the --init drafter cover" in capsys.readouterr().err
+    assert json.loads((kept / "draft_vocab.json").read_text())["ids"] == vocab
+    with safe_open(out / "model.safetensors", "pt") as a, safe_open(kept / "model.safetensors", "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def test_an_init_that_is_not_a_drafter_or_contradicts_an_option_is_refused(trained, run, capsys):
+    _, trained_dir = trained
+    root = run.target_dir.parent
+    base = ["train", "--target", str(run.target_dir), "--prompts", str(root / "prompts.jsonl"), "--steps", "1",
+            "--max-new-tokens", "40", "--gen-batch", "50", "--cache-dir", str(root / "cache"), "--device", "cpu"]
+    assert cli(base + ["--out", str(root / "refused"), "--init", str(trained_dir), "--block-size", "7"]) != 0
+    assert f"--block-size 7: the --init drafter {trained_dir} has 4; leave --block-size out to keep it" in capsys.readouterr().err
+    assert cli(base + ["--out", str(root / "refused"), "--init", str(run.target_dir)]) != 0
+    assert "architecture Qwen3ForCausalLM is not supported" in capsys.readouterr().err
+    assert not (root / "refused").exists()
+
+
 @pytest.mark.parametrize("omit", [True, False])
 def test_embeddings_are_omitted_on_request_and_the_target_s_are_shared(run, target, omit):
     out = run(f"omit-{omit}", 2, *(["--omit-embeddings"] if omit else []))
