@@ -570,9 +570,10 @@ def _train(options, log) -> dict:
     config = init_config or drafter_config(target, options, layers)
     drafter = new_drafter(config, target, options.seed)
     if init is not None:
+        params = trainable(drafter)
         with torch.no_grad():
             for name, p in trainable(init).items():
-                trainable(drafter)[name].copy_(p)
+                params[name].copy_(p)
     if options.draft_vocab is None and init is not None:
         vocab, source = init.draft_vocab, "of the --init drafter"
         vocab = None if vocab is None else vocab.cpu()
