@@ -1,15 +1,19 @@
-"""Write code-writing prompts made from the Python standard library's own functions and methods: each
-prompt shows a signature and docstring and asks for the body. Training data for drafters of chat models that
-write code; nothing here comes from an evaluation set.
+"""Write code-writing prompts made from the Python standard library's own functions and methods (or, with
+--packages, those of installed packages): each prompt shows a signature and docstring and asks for the body.
+Training data for drafters of chat models that write code; nothing here comes from an evaluation set.
 
-    python scripts/stdlib_prompts.py OUT.jsonl [--start N] [--limit N] [--seed S]
+    python scripts/stdlib_prompts.py OUT.jsonl [--packages NAME ...] [--start N] [--limit N] [--seed S]
 
-The prompts depend on the Python version that runs this (its standard library), not on the machine.
+The prompts depend on the Python version that runs this (its standard library), or on the installed
+versions of the packages, not on the machine.
 """
 import argparse
-import importlib
+import contextlib
+import importlib.util
 import inspect
+import io
 import json
+import pkgutil
 import random
 import sys
 import warnings
@@ -56,17 +60,39 @@ def stub(name: str, function, indent: str = "") -> str | None:
     return f'{indent}def {name}{signature}:\n{indent}    """\n{body}\n{indent}    """\n'
 
 
+def quiet_import(name: str):
+    """The module, or None when importing it fails or exits (platform-specific modules, absent optional
+    libraries, a package's command-line entry). What it prints on import is dropped: prompts only."""
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            return importlib.import_module(name)
+    except (Exception, SystemExit):
+        return None
+
+
+def package_modules(name: str) -> list[str]:
+    """A package and its public submodules, tests and command-line entries left out."""
+    package = quiet_import(name)
+    if package is None:
+        return []
+    names = [name]
+    for info in pkgutil.iter_modules(getattr(package, "__path__", [])):
+        if info.name.startswith(("_", "test")) or info.name in ("conftest", "cli"):
+            continue
+        child = f"{name}.{info.name}"
+        names += package_modules(child) if info.ispkg else [child]
+    return names
+
+
 def stubs(module_names) -> tuple[dict[str, str], dict[str, str]]:
     """Stubs of public pure-Python functions and of public methods of public classes, by dotted name."""
     functions, methods = {}, {}
     for module_name in sorted(module_names):
         if module_name in SKIP or module_name.startswith("_"):
             continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                module = importlib.import_module(module_name)
-        except Exception:  # platform-specific modules; absent optional C libraries
+        module = quiet_import(module_name)
+        if module is None:
             continue
         for name, value in vars(module).items():
             if name.startswith("_") or getattr(value, "__module__", None) != module_name:
@@ -80,16 +106,34 @@ def stubs(module_names) -> tuple[dict[str, str], dict[str, str]]:
     return functions, methods
 
 
+def installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a dotted name whose parent is missing
+        return False
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out")
+    parser.add_argument("--packages", nargs="+", metavar="NAME",
+                        help="installed packages (import names) to take the functions and methods of, instead of the standard library's")
     parser.add_argument("--start", type=int, default=0, help="skip the first N prompts of the list")
     parser.add_argument("--limit", type=int, help="at most N prompts")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.start < 0 or (args.limit is not None and args.limit < 1):
         parser.error("--start must be 0 or more and --limit 1 or more")
-    functions, methods = stubs(sys.stdlib_module_names)
+    sys.argv = sys.argv[:1]  # some modules read the command line when imported
+    if args.packages:
+        missing = [name for name in args.packages if not installed(name)]
+        if missing:
+            parser.error(f"not installed: {', '.join(missing)} (give import names, e.g. yaml for PyYAML)")
+        functions, methods = stubs(sorted({m for name in args.packages for m in package_modules(name)}))
+        origin = f"functions of {', '.join(args.packages)}"
+    else:
+        functions, methods = stubs(sys.stdlib_module_names)
+        origin = "standard-library functions"
     # Functions first, then methods, each shuffled: a longer list keeps the prompts of a shorter one.
     names = []
     for group in (functions, methods):
@@ -102,7 +146,7 @@ def main() -> int:
         for number in range(args.start, min(end, len(names))):
             prompt = f"{ASKS[number % len(ASKS)]}\n```python\n{source[names[number]]}```"
             f.write(json.dumps({"turns": [prompt], "source": names[number]}) + "\n")
-    print(f"{max(0, min(end, len(names)) - args.start)} prompts of {len(names)} ({len(functions)} standard-library functions, "
+    print(f"{max(0, min(end, len(names)) - args.start)} prompts of {len(names)} ({len(functions)} {origin}, "
           f"then {len(methods)} methods; Python {sys.version.split()[0]}) -> {args.out}", file=sys.stderr)
     return 0
 

@@ -1,4 +1,5 @@
-"""scripts/stdlib_prompts.py: code-writing training prompts from the standard library, the same on every run."""
+"""scripts/stdlib_prompts.py: code-writing training prompts from the standard library, the same on every run,
+or from installed packages."""
 import json
 import os
 import re
@@ -43,3 +44,38 @@ def test_a_later_slice_continues_the_list_and_a_longer_list_keeps_a_shorter_one(
     assert whole[: len(functions)] == functions  # functions first: adding methods did not reorder them
     refused = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "e.jsonl"), "--start", "-1"], capture_output=True, text=True)
     assert refused.returncode == 2 and "--start must be 0 or more" in refused.stderr and not (tmp_path / "e.jsonl").exists()
+
+
+DOC = '"""Something this function does, described at more length than forty characters."""'
+
+
+def test_packages_give_the_public_functions_of_their_modules_whatever_importing_them_does(tmp_path):
+    root = tmp_path / "site"
+    files = {
+        "demo/__init__.py": "",
+        "demo/good.py": f"def add_pairs(a, b=2):\n    {DOC}\n\nclass Box:\n    def fill(self, n):\n        {DOC}\n",
+        "demo/noisy.py": f"print('hello from noisy')\ndef noisy_fn(x):\n    {DOC}\n",
+        "demo/exits.py": f"raise SystemExit('bye')\ndef lost(x):\n    {DOC}\n",
+        "demo/argv.py": f"import sys\nassert len(sys.argv) == 1, 'reads the command line'\ndef argv_fn(x):\n    {DOC}\n",
+        "demo/_private.py": f"def hidden(x):\n    {DOC}\n",
+        "demo/tests/__init__.py": "",
+        "demo/tests/test_good.py": f"def test_add(x):\n    {DOC}\n",
+        "demo/sub/__init__.py": "",
+        "demo/sub/deep.py": f"def deep_fn(x, *, y=None):\n    {DOC}\n",
+    }
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    env = dict(os.environ, PYTHONPATH=str(root))
+    out = tmp_path / "demo.jsonl"
+    done = subprocess.run([sys.executable, str(SCRIPT), str(out), "--packages", "demo"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "hello from noisy" not in done.stdout + done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["source"] for r in rows) == ["demo.argv.argv_fn", "demo.good.Box.fill", "demo.good.add_pairs",
+                                                  "demo.noisy.noisy_fn", "demo.sub.deep.deep_fn"]
+    (prompts,) = read_prompts([str(out)])
+    assert any("def deep_fn(x, *, y=None):" in p for p in prompts)
+    refused = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "none.jsonl"), "--packages", "demo", "no_such_pkg"],
+                             env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "not installed: no_such_pkg" in refused.stderr and not (tmp_path / "none.jsonl").exists()
