@@ -228,10 +228,11 @@ def starting_drafter(spec: str, target: Target, anchors: int) -> tuple[dict, DSp
     folder = model_dir(spec)  # a Hub id is fetched once, here
     drafter = load_drafter(str(folder), target, int8=False)  # says what is wrong with a folder that is not a drafter
     config = json.loads((folder / "config.json").read_text())
-    if (config.get("architectures") or [None])[0] != "Qwen3DSparkModel" or drafter.confidence_head is None:
+    arch = (config.get("architectures") or ["(none)"])[0]
+    if arch != "Qwen3DSparkModel" or drafter.confidence_head is None:
+        without = "" if drafter.confidence_head is not None else " without a confidence head"
         raise ValueError(f"--init {spec}: training goes on from a Qwen3-style DSpark drafter with a confidence head "
-                         f"(what `dspark-chat train` writes); this one is a {(config.get('architectures') or ['(none)'])[0]}"
-                         f"{'' if drafter.confidence_head is not None else ' without a confidence head'}")
+                         f"(what `dspark-chat train` writes); this one is a {arch}{without}")
     for key in ("torch_dtype", "dtype"):
         config.pop(key, None)
     return config | {"num_anchors": anchors}, drafter
@@ -575,8 +576,8 @@ def _train(options, log) -> dict:
             for name, p in trainable(init).items():
                 params[name].copy_(p)
     if options.draft_vocab is None and init is not None:
-        vocab, source = init.draft_vocab, "of the --init drafter"
-        vocab = None if vocab is None else vocab.cpu()
+        vocab = None if init.draft_vocab is None else init.draft_vocab.cpu()
+        source = "of the --init drafter"
     else:
         vocab, source = choose_draft_vocab(pool, options.draft_vocab or 0, target.vocab_size, target.stop_ids), "the answers use most"
     coverage = {"train": vocab_coverage(vocab, pool), "held_out": vocab_coverage(vocab, held)}
