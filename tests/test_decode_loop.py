@@ -10,6 +10,7 @@ from dspark_chat.engine.engine import Engine
 from dspark_chat.engine.loading import load_drafter
 from dspark_chat.engine.sampling import Sampling
 from dspark_chat.engine.stats import summarize
+from dspark_chat.engine.target import GROUPED_SDPA
 
 from .conftest import REFERENCE, Forcing
 
@@ -36,6 +37,25 @@ def test_target_cache_after_many_rounds_equals_a_fresh_prefill(tiny_target, draf
     cached, _ = tiny_target.forward(ids[-1:])
     fresh = tiny_target.model(input_ids=torch.tensor([ids])).logits[0, -1]
     torch.testing.assert_close(cached[-1], fresh, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reference_attention", ["sdpa", "eager"])
+def test_cpu_attention_reads_grouped_heads_in_place_and_gives_transformers_logits(tiny_target, reference, reference_attention):
+    # A verify pass: several tokens after a cached context, so there is a mask (the case the CPU path changes).
+    assert tiny_target.model.config._attn_implementation == GROUPED_SDPA
+    assert tiny_target.model.model.layers[0].self_attn.num_key_value_groups == 2
+    ids = [t for prompt in reference["prompts"] for t in prompt]
+    assert len(ids) > 10
+    logits = {}
+    for attention in (GROUPED_SDPA, reference_attention):
+        tiny_target.model.set_attn_implementation(attention)
+        try:
+            tiny_target.rewind(0)
+            tiny_target.forward(ids[:-5], last_only=True)
+            logits[attention], _ = tiny_target.forward(ids[-5:])
+        finally:
+            tiny_target.model.set_attn_implementation(GROUPED_SDPA)
+    torch.testing.assert_close(logits[GROUPED_SDPA], logits[reference_attention], atol=1e-5, rtol=1e-5)
 
 
 def test_drafter_context_grown_round_by_round_equals_one_built_at_once(tiny_target, reference):
