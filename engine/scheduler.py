@@ -221,7 +221,7 @@ def sps_profile(target, max_tokens: int, cache: Path, attempts: int = 3, repeats
 
     device = torch.cuda.get_device_name(target.device) if target.device.type == "cuda" else target.device.type
     key = json.dumps([target.name, device, str(target.dtype), torch.__version__, transformers.__version__, max_tokens,
-                      getattr(target, "cpu_linear", {})])
+                      getattr(target, "cpu_linear", {}), getattr(target, "attention", None)])
     path = cache / "sps" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
     if path.is_file():
         cached = json.loads(path.read_text())["sps"]

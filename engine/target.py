@@ -36,6 +36,7 @@ class Target:
         on_cpu = all(p.device.type == "cpu" for p in model.parameters())
         if on_cpu and model.config._attn_implementation == "sdpa":
             model.set_attn_implementation(GROUPED_SDPA)
+        self.attention = model.config._attn_implementation  # passes time differently with each
         self.cpu_linear = cpu_linear or {}  # how its CPU matrix products run (engine/cpu_linear.py)
         self.tokenizer = tokenizer
         self.name = name

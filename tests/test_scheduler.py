@@ -198,6 +198,10 @@ def test_sps_profile_is_measured_once_and_cached(monkeypatch, tmp_path):
     calls = target.calls
     assert sps_profile(target, 8, tmp_path) == [1.0] * 8  # read back, not measured again
     assert target.calls == calls
+    target.attention = "eager"  # another attention implementation: its passes take other times
+    assert sps_profile(target, 8, tmp_path) == pytest.approx(profile)
+    assert target.calls > calls and len(list((tmp_path / "sps").glob("*.json"))) == 2
+    del target.attention
     saved["sps"] = [5.0, 1.5, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # cached by an older version on a busy machine
     cached.write_text(json.dumps(saved))
     assert sps_profile(target, 8, tmp_path) == pytest.approx(profile)  # measured again
