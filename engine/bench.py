@@ -291,7 +291,9 @@ def bench(engine: Engine, prompts: list[list[str]], modes: list[Mode], sampling:
     """progress(prompt, mode name) is called as each run starts. With repeats > 1 each mode runs each turn
     that many times and keeps its fastest run among those whose output equals the first run's: other
     work on the machine only ever adds time, so the fastest is the least disturbed, and a run whose
-    output differs (unseeded sampling) is never picked, so a lucky draw cannot make a mode look faster."""
+    output differs (unseeded sampling) is never picked, so a lucky draw cannot make a mode look faster.
+    The repeats take turns (every mode once, then every mode again): a busy spell of a minute then slows
+    one run of several modes rather than every run of one."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     if warmup:
@@ -306,20 +308,22 @@ def bench(engine: Engine, prompts: list[list[str]], modes: list[Mode], sampling:
         order = modes[p % len(modes):] + modes[: p % len(modes)]
         histories: dict[str, list[dict]] = {m.name: [] for m in modes}
         for t, turn in enumerate(turns):
-            outputs = {}
-            for mode in order:
-                if progress:
-                    progress(p, mode.name)
-                messages = histories[mode.name] + [{"role": "user", "content": turn}]
-                ids = engine.chat_ids(messages)
-                tokens, stats = run_mode(engine, mode, ids, sampling, max_new_tokens)
-                for _ in range(repeats - 1):
+            outputs, fastest = {}, {}
+            for repeat in range(repeats):
+                for mode in order:
                     if progress:
                         progress(p, mode.name)
-                    again, again_stats = run_mode(engine, mode, ids, sampling, max_new_tokens)
-                    if again == tokens and again_stats["decode_tokens_per_s"] > stats["decode_tokens_per_s"]:
-                        stats = again_stats
-                outputs[mode.name] = (ids, tokens)
+                    messages = histories[mode.name] + [{"role": "user", "content": turn}]
+                    ids = engine.chat_ids(messages)
+                    tokens, stats = run_mode(engine, mode, ids, sampling, max_new_tokens)
+                    if not repeat:
+                        outputs[mode.name], fastest[mode.name] = (ids, tokens), stats
+                    elif tokens == outputs[mode.name][1] and stats["decode_tokens_per_s"] > fastest[mode.name]["decode_tokens_per_s"]:
+                        fastest[mode.name] = stats
+            for mode in order:
+                ids, tokens = outputs[mode.name]
+                stats = fastest[mode.name]
+                messages = histories[mode.name] + [{"role": "user", "content": turn}]
                 histories[mode.name] = messages + [{"role": "assistant", "content": engine.tokenizer.decode(tokens, skip_special_tokens=True)}]
                 results.append(Result(mode.name, p, t, tokens, stats["decode_tokens_per_s"], stats["time_to_first_token_ms"], stats))
             if checked:

@@ -82,15 +82,16 @@ def test_every_mode_runs_and_greedy_outputs_agree(tiny_target, assistant, prompt
 
 def test_repeats_keep_the_fastest_run_with_the_first_runs_output(tiny_target, prompts, monkeypatch):
     """Real runs, with their tok/s replaced by a script: per slot, the first run (6 tok/s), a faster one
-    with another output (as unseeded sampling gives: never picked), a faster one with the same output."""
+    with another output (as unseeded sampling gives: never picked), a faster one with the same output.
+    The repeats take turns: every mode once, then every mode again."""
     real_run = bench_module.run_mode
-    script = iter([6.0, 9.0, 7.0] * 6)  # 3 turns x 2 modes, 3 runs each
+    rates = [6.0, 9.0, 7.0]
     calls = []
 
     def scripted(engine, mode, ids, sampling, max_new_tokens):
         tokens, stats = real_run(engine, mode, ids, sampling, max_new_tokens)
-        rate = next(script)
-        calls.append(rate)
+        rate = rates[sum(1 for name, seen in calls if name == mode.name and seen == ids)]
+        calls.append((mode.name, ids))
         return (tokens + [0] if rate == 9.0 else tokens), stats | {"decode_tokens_per_s": rate}
 
     monkeypatch.setattr(bench_module, "run_mode", scripted)
@@ -98,6 +99,7 @@ def test_repeats_keep_the_fastest_run_with_the_first_runs_output(tiny_target, pr
     modes = build_modes(engine, ["baseline", "prompt-lookup"], 5)
     report = bench(engine, read_prompts(prompts, None), modes, Sampling(), 8, warmup=False, repeats=3)
     assert len(calls) == 18 and report["repeats"] == 3
+    assert [name for name, _ in calls[:6]] == ["baseline", "prompt-lookup"] * 3
     assert [r["decode_tokens_per_s"] for r in report["runs"]] == [7.0] * 6
     assert report["outputs_identical"] is True  # the first run's output is what is compared
     assert "fastest of 3 runs" in format_table(report)
