@@ -14,19 +14,20 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 GROUPED_SDPA = "sdpa_grouped"
 
 
-def _grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' SDPA, except that a masked pass over grouped-query heads reads each key/value head in
     place. transformers copies them out per query head whenever there is a mask (CUDA's fused kernels take
     grouped heads unmasked only), and every verify pass has one: on SmolLM2 in float32 on a CPU the copies
     made a 4-token pass 2-3 ms (5%) slower, more as the context grows. The CPU kernel takes both at once."""
-    if attention_mask is None or getattr(module, "num_key_value_groups", 1) == 1 or kwargs.get("position_bias") is not None:
+    extras = any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "s_aux"))  # SDPA's to handle or refuse
+    if attention_mask is None or getattr(module, "num_key_value_groups", 1) == 1 or extras:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
                                          enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
+AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
 ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)  # the masks SDPA takes
 
 

@@ -10,7 +10,7 @@ from dspark_chat.engine.engine import Engine
 from dspark_chat.engine.loading import load_drafter
 from dspark_chat.engine.sampling import Sampling
 from dspark_chat.engine.stats import summarize
-from dspark_chat.engine.target import GROUPED_SDPA
+from dspark_chat.engine.target import GROUPED_SDPA, grouped_sdpa
 
 from .conftest import REFERENCE, Forcing
 
@@ -56,6 +56,15 @@ def test_cpu_attention_reads_grouped_heads_in_place_and_gives_transformers_logit
         finally:
             tiny_target.model.set_attn_implementation(GROUPED_SDPA)
     torch.testing.assert_close(logits[GROUPED_SDPA], logits[reference_attention], atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_attention_leaves_what_it_does_not_handle_to_transformers():
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    query, key, value = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    mask = torch.ones(1, 1, 3, 5, dtype=torch.bool).tril(2)
+    with pytest.raises(ValueError, match="softcap"):  # transformers' SDPA refuses a soft cap rather than drop it
+        grouped_sdpa(module, query, key, value, mask, softcap=30.0)
 
 
 def test_drafter_context_grown_round_by_round_equals_one_built_at_once(tiny_target, reference):
