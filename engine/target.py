@@ -8,6 +8,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -29,6 +30,45 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 
 AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
 ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)  # the masks SDPA takes
+
+
+class GrowingLayer(DynamicLayer):
+    """A full-attention layer's keys and values in buffers with room to spare: a pass writes its rows in
+    place where transformers' layer concatenates, which copies the whole cache on every pass (on SmolLM2
+    after 3,000 tokens, 6 ms of a 77 ms step), and a rollback only shortens the view."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if self.buffers is None or end > self.buffers[0].shape[-2]:
+            self.buffers = tuple(self._grown(old, new, max(256, 2 * end))
+                                 for old, new in zip(self.buffers or (None, None), (key_states, value_states)))
+        for buffer, new in zip(self.buffers, (key_states, value_states)):
+            buffer[..., self.length : end, :] = new
+        self._use(end)
+        return self.keys, self.values
+
+    def _grown(self, old: torch.Tensor | None, new: torch.Tensor, capacity: int) -> torch.Tensor:
+        buffer = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
+        if old is not None:
+            buffer[..., : self.length, :] = old[..., : self.length, :]
+        return buffer
+
+    def _use(self, length: int) -> None:
+        self.length = length
+        self.keys, self.values = (buffer[..., :length, :] for buffer in self.buffers)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes the number of tokens to drop, negated; got {tokens_to_remove}")
+        if tokens_to_remove and self.is_initialized:
+            self._use(max(0, self.length + tokens_to_remove))
 
 
 class Target:
@@ -61,6 +101,7 @@ class Target:
         """Keep the cache for the first `length` tokens only."""
         if length <= 0:
             self.cache = DynamicCache(config=self.model.config)
+            self.cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in self.cache.layers]
             # Sliding-window layers (Gemma 4) keep only the last window of keys and values, and refuse to
             # crop once the sequence is longer than the window; recording each pass's states until the
             # next crop lets the rejected drafts of a verify pass be dropped.

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from dspark_chat.engine.decode import ContextLengthError, TextStream, decode
 from dspark_chat.engine.engine import Engine
 from dspark_chat.engine.loading import load_drafter
 from dspark_chat.engine.sampling import Sampling
 from dspark_chat.engine.stats import summarize
-from dspark_chat.engine.target import GROUPED_SDPA, grouped_sdpa
+from dspark_chat.engine.target import GROUPED_SDPA, GrowingLayer, grouped_sdpa
 
 from .conftest import REFERENCE, Forcing
 
@@ -34,6 +35,7 @@ def test_target_cache_after_many_rounds_equals_a_fresh_prefill(tiny_target, draf
     out = [t for s in decode(tiny_target, forcing, prompt, Sampling(), 60) for t in s.token_ids]
     ids = prompt + out
     assert tiny_target.cached_ids == ids[:-1]
+    assert all(isinstance(layer, GrowingLayer) for layer in tiny_target.cache.layers)
     cached, _ = tiny_target.forward(ids[-1:])
     fresh = tiny_target.model(input_ids=torch.tensor([ids])).logits[0, -1]
     torch.testing.assert_close(cached[-1], fresh, atol=1e-4, rtol=1e-4)
@@ -65,6 +67,27 @@ def test_cpu_attention_leaves_what_it_does_not_handle_to_transformers():
     mask = torch.ones(1, 1, 3, 5, dtype=torch.bool).tril(2)
     with pytest.raises(ValueError, match="softcap"):  # transformers' SDPA refuses a soft cap rather than drop it
         grouped_sdpa(module, query, key, value, mask, softcap=30.0)
+
+
+def test_growing_cache_layer_holds_what_transformers_layer_holds_through_growth_and_rollbacks():
+    torch.manual_seed(0)
+    growing, plain = GrowingLayer(), DynamicLayer()
+    capacities = set()
+    for step in range(240):
+        n = 1 if step % 3 else int(torch.randint(2, 18, ()))
+        keys, values = torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
+        for layer in (growing, plain):
+            got = layer.update(keys, values)
+        torch.testing.assert_close(got, (plain.keys, plain.values), rtol=0, atol=0)
+        torch.testing.assert_close((growing.keys, growing.values), (plain.keys, plain.values), rtol=0, atol=0)
+        if step % 4 == 1 and n > 1:  # a verify pass's rejected drafts
+            for layer in (growing, plain):
+                layer.crop(-(n - 1))
+        assert growing.get_seq_length() == plain.get_seq_length()
+        capacities.add(growing.buffers[0].shape[-2])
+    assert len(capacities) >= 3  # 256 at first, then grown twice while keeping what was cached
+    with pytest.raises(ValueError, match="negated"):
+        growing.crop(3)
 
 
 def test_drafter_context_grown_round_by_round_equals_one_built_at_once(tiny_target, reference):
