@@ -228,6 +228,7 @@ class Service:
         if self.max_model_len:
             # The decode loop refuses prompts (and caps answers) by this length.
             engine.target.max_length = min(engine.target.max_length, self.max_model_len)
+            engine.target.rewind(0)  # a cache sized for the new length
         self.engine = engine
         threading.Thread(target=self._work, name="dspark-worker", daemon=True).start()
         self.set_state("ready")

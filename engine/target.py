@@ -35,7 +35,12 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)  # the masks SDPA
 class GrowingLayer(DynamicLayer):
     """A full-attention layer's keys and values in buffers with room to spare: a pass writes its rows in
     place where transformers' layer concatenates, which copies the whole cache on every pass (on SmolLM2
-    after 3,000 tokens, 6 ms of a 77 ms step), and a rollback only shortens the view."""
+    after 3,000 tokens, 6 ms of a 77 ms step), and a rollback only shortens the view. The room never goes
+    past `limit` positions (the context length), so memory planned for the context is not exceeded."""
+
+    def __init__(self, limit: int = 1 << 30):
+        super().__init__()
+        self.limit = limit
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -47,7 +52,8 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
         if self.buffers is None or end > self.buffers[0].shape[-2]:
-            self.buffers = tuple(self._grown(old, new, max(256, 2 * end))
+            capacity = max(end, min(max(256, 2 * end), self.limit))
+            self.buffers = tuple(self._grown(old, new, capacity)
                                  for old, new in zip(self.buffers or (None, None), (key_states, value_states)))
         for buffer, new in zip(self.buffers, (key_states, value_states)):
             buffer[..., self.length : end, :] = new
@@ -101,7 +107,8 @@ class Target:
         """Keep the cache for the first `length` tokens only."""
         if length <= 0:
             self.cache = DynamicCache(config=self.model.config)
-            self.cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in self.cache.layers]
+            self.cache.layers = [GrowingLayer(self.max_length) if type(layer) is DynamicLayer else layer
+                                 for layer in self.cache.layers]
             # Sliding-window layers (Gemma 4) keep only the last window of keys and values, and refuse to
             # crop once the sequence is longer than the window; recording each pass's states until the
             # next crop lets the rejected drafts of a verify pass be dropped.

@@ -71,8 +71,8 @@ def test_cpu_attention_leaves_what_it_does_not_handle_to_transformers():
 
 def test_growing_cache_layer_holds_what_transformers_layer_holds_through_growth_and_rollbacks():
     torch.manual_seed(0)
-    growing, plain = GrowingLayer(), DynamicLayer()
-    capacities = set()
+    growing, plain = GrowingLayer(limit=600), DynamicLayer()
+    capacities, longest = set(), 0
     for step in range(240):
         n = 1 if step % 3 else int(torch.randint(2, 18, ()))
         keys, values = torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
@@ -80,6 +80,8 @@ def test_growing_cache_layer_holds_what_transformers_layer_holds_through_growth_
             got = layer.update(keys, values)
         torch.testing.assert_close(got, (plain.keys, plain.values), rtol=0, atol=0)
         torch.testing.assert_close((growing.keys, growing.values), (plain.keys, plain.values), rtol=0, atol=0)
+        longest = max(longest, growing.get_seq_length())
+        assert growing.buffers[0].shape[-2] <= max(600, longest)  # no room past the limit
         if step % 4 == 1 and n > 1:  # a verify pass's rejected drafts
             for layer in (growing, plain):
                 layer.crop(-(n - 1))

@@ -352,3 +352,16 @@ def test_internal_error_answers_500_with_an_id_and_the_server_goes_on(tiny_targe
         r = client.post("/v1/chat/completions", json=body | {"speculative": False})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
         assert 'dspark:requests_failed_total 1' in client.get("/metrics").text
+
+
+def test_max_model_len_bounds_the_prompts_and_the_cache(tiny_target_dir):
+    from dspark_chat.engine.engine import Engine
+    from dspark_chat.engine.server import Service
+    from dspark_chat.engine.target import GrowingLayer
+
+    engine = Engine.load(str(tiny_target_dir), dtype="float32", device="cpu")
+    engine.target.forward([5, 6, 7])  # a cache made before the length was set
+    Service("tiny", max_model_len=100).attach(engine)
+    assert engine.target.max_length == 100 and engine.target.cached_ids == []
+    layers = engine.target.cache.layers
+    assert layers and all(isinstance(layer, GrowingLayer) and layer.limit == 100 for layer in layers)
