@@ -308,31 +308,29 @@ def bench(engine: Engine, prompts: list[list[str]], modes: list[Mode], sampling:
         order = modes[p % len(modes):] + modes[: p % len(modes)]
         histories: dict[str, list[dict]] = {m.name: [] for m in modes}
         for t, turn in enumerate(turns):
+            asked = {m.name: histories[m.name] + [{"role": "user", "content": turn}] for m in order}
+            prompt_ids = {name: engine.chat_ids(messages) for name, messages in asked.items()}
             outputs, fastest = {}, {}
             for repeat in range(repeats):
                 for mode in order:
                     if progress:
                         progress(p, mode.name)
-                    messages = histories[mode.name] + [{"role": "user", "content": turn}]
-                    ids = engine.chat_ids(messages)
-                    tokens, stats = run_mode(engine, mode, ids, sampling, max_new_tokens)
+                    tokens, stats = run_mode(engine, mode, prompt_ids[mode.name], sampling, max_new_tokens)
                     if not repeat:
-                        outputs[mode.name], fastest[mode.name] = (ids, tokens), stats
-                    elif tokens == outputs[mode.name][1] and stats["decode_tokens_per_s"] > fastest[mode.name]["decode_tokens_per_s"]:
+                        outputs[mode.name], fastest[mode.name] = tokens, stats
+                    elif tokens == outputs[mode.name] and stats["decode_tokens_per_s"] > fastest[mode.name]["decode_tokens_per_s"]:
                         fastest[mode.name] = stats
             for mode in order:
-                ids, tokens = outputs[mode.name]
-                stats = fastest[mode.name]
-                messages = histories[mode.name] + [{"role": "user", "content": turn}]
-                histories[mode.name] = messages + [{"role": "assistant", "content": engine.tokenizer.decode(tokens, skip_special_tokens=True)}]
+                tokens, stats = outputs[mode.name], fastest[mode.name]
+                answer = engine.tokenizer.decode(tokens, skip_special_tokens=True)
+                histories[mode.name] = asked[mode.name] + [{"role": "assistant", "content": answer}]
                 results.append(Result(mode.name, p, t, tokens, stats["decode_tokens_per_s"], stats["time_to_first_token_ms"], stats))
             if checked:
-                ids, reference = outputs[BASELINE]
+                ids, reference = prompt_ids[BASELINE], outputs[BASELINE]
                 for name in checked:
-                    other_ids, tokens = outputs[name]
                     # Later turns carry each mode's own earlier answers, so compare only like with like.
-                    if other_ids == ids:
-                        d = explain_divergence(engine.target, ids, reference, tokens)
+                    if prompt_ids[name] == ids:
+                        d = explain_divergence(engine.target, ids, reference, outputs[name])
                         if d is not None:
                             divergences.append({"mode": name, "prompt": p, "turn": t, **d.to_dict()})
     return report(results, modes, divergences, sampling, max_new_tokens, engine.target.name) | {"repeats": repeats}

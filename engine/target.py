@@ -83,7 +83,6 @@ class Target:
         on_cpu = all(p.device.type == "cpu" for p in model.parameters())
         if on_cpu and model.config._attn_implementation == "sdpa":
             model.set_attn_implementation(GROUPED_SDPA)
-        self.attention = model.config._attn_implementation  # passes time differently with each
         self.cpu_linear = cpu_linear or {}  # how its CPU matrix products run (engine/cpu_linear.py)
         self.tokenizer = tokenizer
         self.name = name
@@ -102,6 +101,11 @@ class Target:
         # Later transformers 5 releases name the cache argument `cache` and warn on `past_key_values`.
         self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.rewind(0)
+
+    @property
+    def attention(self) -> str:
+        """The attention implementation: passes time differently with each."""
+        return self.model.config._attn_implementation
 
     def rewind(self, length: int) -> None:
         """Keep the cache for the first `length` tokens only."""
