@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MAX_ROWS = 17  # the longest verify pass the engine runs: a block of 16 drafts and its anchor
-MEASURED_ROWS = "1..,streamed"  # choices cached by an older way of measuring are measured again
+MEASURED_ROWS = "1..,streamed,packed"  # choices cached by an older way of measuring are measured again
 FASTER_BY = 0.1  # keep torch's own product unless the other way is at least this much faster
 # Smaller matrices cost microseconds either way: measuring them would only pick noise. SmolLM2's 576 -> 192
 # key and value projections (110,592 weights) are just above: over 4 rows 74 us plain against about 45
@@ -41,14 +41,27 @@ MIN_WEIGHTS = 1 << 16
 STREAMED_BYTES = 1 << 28
 
 
-def _transposed_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _fast_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if rows not in self.transposed_rows:
+    way = self.way_for_rows.get(rows)
+    if way == "packed" and not x.requires_grad:  # oneDNN's packed product has no backward
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+    if way != "transposed":
         return F.linear(x, self.weight, self.bias)
     out = _transposed(self.weight, x.reshape(rows, -1))
     if self.bias is not None:
         out = out + self.bias
     return out.contiguous().view(*x.shape[:-1], out.shape[-1])
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight in oneDNN's blocked layout for its own products, or None where this torch has none for it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    except RuntimeError:
+        return None
 
 
 def _transposed(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -74,17 +87,27 @@ def _fastest_seconds(runs, repeats: int) -> list[float]:
     return best
 
 
-def measure(weights: list[torch.Tensor], max_rows: int = MAX_ROWS, repeats: int = 7) -> list[int]:
-    """Row counts (1..max_rows) for which (W @ x^T)^T beats F.linear over these weights (one shape and
-    dtype), each product run over all of them in turn, as a pass runs them."""
-    faster = []
+def measure(weights: list[torch.Tensor], max_rows: int = MAX_ROWS, repeats: int = 7, pack: bool = True) -> dict[str, list[int]]:
+    """For each row count (1..max_rows), the other way that beats F.linear over these weights (one shape
+    and dtype) by FASTER_BY, if one does: {"transposed": [rows], "packed": [rows]}. Each product runs over
+    all the weights in turn, as a pass runs them."""
+    ways = {"transposed": lambda x: [_transposed(w, x).contiguous() for w in weights]}
+    packed = [_packed(w) for w in weights] if pack else [None]
+    if all(p is not None for p in packed):
+        ways["packed"] = lambda x: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]
+    faster = {way: [] for way in ways}
     for rows in range(1, max_rows + 1):
         x = torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
         with torch.inference_mode():
-            plain, swapped = _fastest_seconds([lambda: [F.linear(x, w) for w in weights],
-                                               lambda: [_transposed(w, x).contiguous() for w in weights]], repeats)
-        if swapped < plain * (1 - FASTER_BY):
-            faster.append(rows)
+            seconds = _fastest_seconds([lambda: [F.linear(x, w) for w in weights]]
+                                       + [lambda run=run: run(x) for run in ways.values()], repeats)
+        # Each way in turn must beat all those before it by FASTER_BY: a near-tie keeps the older way.
+        best, chosen = seconds[0], None
+        for way, time_ in zip(ways, seconds[1:]):
+            if time_ < best * (1 - FASTER_BY):
+                best, chosen = time_, way
+        if chosen:
+            faster[chosen].append(rows)
     return faster
 
 
@@ -92,21 +115,24 @@ def _key(shape, dtype) -> str:
     return f"{shape[0]}x{shape[1]}:{str(dtype).removeprefix('torch.')}"
 
 
-def speed_up(model: nn.Module, cache: Path | None) -> dict[str, list[int]]:
+def speed_up(model: nn.Module, cache: Path | None) -> dict[str, dict[str, list[int]]]:
     """Measure (or read from the cache) and install the faster product in every nn.Linear of a model
-    whose weights are on the CPU. Returns {"out x in:dtype": row counts that take the transposed way}."""
+    whose weights are on the CPU. Returns {"out x in:dtype": {"transposed": rows, "packed": rows}}, the
+    row counts that take each way (the others take F.linear)."""
     linears = [m for m in model.modules() if _plain_cpu_linear(m)]
     shapes = sorted({_key(m.weight.shape, m.weight.dtype) for m in linears})
     if not shapes:
         return {}
-    identity = [platform.machine(), _cpu_name(), torch.__version__, torch.get_num_threads(), shapes, MEASURED_ROWS]
+    # Packed copies sit beside the weights: only where they leave half the free memory free.
+    pack = sum({m.weight.data_ptr(): m.weight.nbytes for m in linears}.values()) < _available_memory() / 2
+    identity = [platform.machine(), _cpu_name(), torch.__version__, torch.get_num_threads(), shapes, MEASURED_ROWS, pack]
     path = None
     if cache is not None:
         path = cache / "cpu-linear" / (hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16] + ".json")
     choice = None
     if path is not None and path.is_file():
         try:
-            choice = json.loads(path.read_text())["transposed_rows"]
+            choice = json.loads(path.read_text())["ways"]
         except (ValueError, KeyError):
             choice = None  # a damaged cache file is measured again
     if choice is None or set(choice) != set(shapes):
@@ -115,24 +141,40 @@ def speed_up(model: nn.Module, cache: Path | None) -> dict[str, list[int]]:
             same = weights.setdefault(_key(m.weight.shape, m.weight.dtype), [])
             if sum(w.nbytes for w in same) < STREAMED_BYTES:
                 same.append(m.weight.detach())
-        choice = {key: measure(weights[key]) for key in shapes}
+        choice = {key: measure(weights[key], pack=pack) for key in shapes}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"identity": identity, "transposed_rows": choice}))
+            tmp.write_text(json.dumps({"identity": identity, "ways": choice}))
             tmp.replace(path)
     install(model, choice)
     return choice
 
 
-def install(model: nn.Module, choice: dict[str, list[int]]) -> None:
-    """Route each CPU nn.Linear's products over the chosen row counts the transposed way."""
+def install(model: nn.Module, choice: dict[str, dict[str, list[int]]]) -> None:
+    """Route each CPU nn.Linear's products over the chosen row counts the chosen way. A packed copy is
+    made of the weights now: they must not change afterwards (the engine's target and drafters are frozen)."""
     for m in model.modules():
         if _plain_cpu_linear(m):
-            rows = frozenset(choice.get(_key(m.weight.shape, m.weight.dtype), ()))
-            if rows:
-                m.transposed_rows = rows
-                m.forward = types.MethodType(_transposed_linear, m)
+            ways = choice.get(_key(m.weight.shape, m.weight.dtype), {})
+            way_for_rows = {rows: way for way, counts in ways.items() for rows in counts}
+            if "packed" in way_for_rows.values():
+                m.packed_weight = _packed(m.weight)
+                if m.packed_weight is None:
+                    way_for_rows = {rows: way for rows, way in way_for_rows.items() if way != "packed"}
+            if way_for_rows:
+                m.way_for_rows = way_for_rows
+                m.forward = types.MethodType(_fast_linear, m)
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0  # unknown: no packed copies
 
 
 def _plain_cpu_linear(m: nn.Module) -> bool:

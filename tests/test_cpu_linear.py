@@ -1,4 +1,4 @@
-"""The transposed CPU product (engine/cpu_linear.py): same numbers as nn.Linear, measured once and cached,
+"""The transposed and packed CPU products (engine/cpu_linear.py): same numbers as nn.Linear, measured once and cached,
 and decoding through it stays lossless."""
 
 import json
@@ -17,18 +17,24 @@ def small_matrices_count(monkeypatch):
     monkeypatch.setattr(cpu_linear, "MIN_WEIGHTS", 0)
 
 
-def test_transposed_product_matches_linear_and_trains():
+def test_each_way_matches_linear_and_trains():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 32, bias=False))
     plain = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 32, bias=False))
     plain.load_state_dict(model.state_dict())
-    cpu_linear.install(model, {"96x64:float32": list(range(1, 18)), "32x96:float32": [3, 5]})
-    assert model[0].transposed_rows == frozenset(range(1, 18)) and model[1].transposed_rows == {3, 5}
-    for shape in [(1, 64), (2, 64), (1, 3, 64), (5, 64), (17, 64), (1, 40, 64)]:
-        x = torch.randn(shape, requires_grad=True)
-        out = model(x)
-        assert out.shape == plain(x).shape and out.is_contiguous()
-        torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=1e-5)
+    cpu_linear.install(model, {"96x64:float32": {"transposed": list(range(1, 9)), "packed": list(range(9, 18))},
+                               "32x96:float32": {"packed": [3, 5]}})
+    assert model[0].way_for_rows == {rows: "transposed" if rows < 9 else "packed" for rows in range(1, 18)}
+    assert model[1].way_for_rows == {3: "packed", 5: "packed"} and model[1].packed_weight.layout == torch._mkldnn
+    for shape in [(1, 64), (2, 64), (1, 3, 64), (5, 64), (1, 9, 64), (17, 64), (1, 40, 64)]:
+        for requires_grad in (False, True):  # autograd takes F.linear where the packed product has no backward
+            x = torch.randn(shape, requires_grad=requires_grad)
+            out = model(x)
+            assert out.shape == plain(x).shape and out.is_contiguous()
+            torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=1e-5)
+    with torch.profiler.profile() as profile, torch.inference_mode():
+        model(torch.randn(1, 9, 64))
+    assert sum(event.name == "mkldnn::_linear_pointwise" for event in profile.events()) == 1
     x = torch.randn(3, 64)
     model(x).sum().backward()
     plain(x).sum().backward()
@@ -37,15 +43,16 @@ def test_transposed_product_matches_linear_and_trains():
 
 def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(cpu_linear, "measure", lambda weights, *a, **k: calls.append([tuple(w.shape) for w in weights]) or [2, 4])
+    ways = {"transposed": [2], "packed": [4]}
+    monkeypatch.setattr(cpu_linear, "measure", lambda weights, *a, **k: calls.append([tuple(w.shape) for w in weights]) or ways)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.Linear(8, 16))
     choice = cpu_linear.speed_up(model, tmp_path)
-    assert choice == {"16x8:float32": [2, 4], "8x16:float32": [2, 4]}
+    assert choice == {"16x8:float32": ways, "8x16:float32": ways}
     # One measurement per shape, not per layer, over every layer of that shape (as a pass reads them).
     assert sorted(calls) == [[(8, 16)], [(16, 8), (16, 8)]]
-    assert model[3].transposed_rows == {2, 4}
+    assert model[3].way_for_rows == {2: "transposed", 4: "packed"}
     [cached] = (tmp_path / "cpu-linear").glob("*.json")
-    assert json.loads(cached.read_text())["transposed_rows"] == choice
+    assert json.loads(cached.read_text())["ways"] == choice
 
     calls.clear()
     again = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.Linear(8, 16))
@@ -53,21 +60,33 @@ def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch)
 
     cached.write_text("{not json")  # a damaged cache is measured again, and rewritten
     assert cpu_linear.speed_up(nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8)), tmp_path) == choice
-    assert len(calls) == 2 and json.loads(cached.read_text())["transposed_rows"] == choice
+    assert len(calls) == 2 and json.loads(cached.read_text())["ways"] == choice
+
+
+def test_no_packed_copies_without_the_memory_for_them(tmp_path, monkeypatch):
+    packs = []
+    monkeypatch.setattr(cpu_linear, "measure", lambda weights, *a, pack, **k: packs.append(pack) or {"transposed": [2]})
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8))
+    monkeypatch.setattr(cpu_linear, "_available_memory", lambda: 2 * 2 * 128 * 4 + 1)  # twice the weights' bytes
+    cpu_linear.speed_up(model, tmp_path)
+    monkeypatch.setattr(cpu_linear, "_available_memory", lambda: 2 * 2 * 128 * 4)
+    cpu_linear.speed_up(model, tmp_path)
+    assert packs == [True, True, False, False]  # and the two choices are cached apart
+    assert len(list((tmp_path / "cpu-linear").glob("*.json"))) == 2
 
 
 def test_a_shape_is_measured_over_its_layers_up_to_the_streamed_bytes(tmp_path, monkeypatch):
     measured = []
-    monkeypatch.setattr(cpu_linear, "measure", lambda weights, *a, **k: measured.append(len(weights)) or [2])
+    monkeypatch.setattr(cpu_linear, "measure", lambda weights, *a, **k: measured.append(len(weights)) or {"transposed": [2]})
     monkeypatch.setattr(cpu_linear, "STREAMED_BYTES", 3 * 16 * 8 * 4)  # three 16 x 8 float32 matrices
     model = nn.Sequential(*[nn.Linear(8, 16) for _ in range(5)])
     cpu_linear.speed_up(model, tmp_path)
     assert measured == [3]
-    assert all(m.transposed_rows == {2} for m in model)  # every layer takes the choice, measured or not
+    assert all(m.way_for_rows == {2: "transposed"} for m in model)  # every layer takes the choice, measured or not
 
 
 def test_quantised_and_offloaded_layers_are_left_alone(tmp_path, monkeypatch):
-    monkeypatch.setattr(cpu_linear, "measure", lambda weights, *a, **k: [2])
+    monkeypatch.setattr(cpu_linear, "measure", lambda weights, *a, **k: {"transposed": [2]})
 
     class PackedLinear(nn.Linear):  # as bitsandbytes' Linear4bit: a subclass holding packed weights
         pass
@@ -78,25 +97,30 @@ def test_quantised_and_offloaded_layers_are_left_alone(tmp_path, monkeypatch):
     dispatched._hf_hook = object()  # accelerate's hook replaced its forward
     model = nn.Sequential(PackedLinear(8, 8), offloaded, dispatched)
     assert cpu_linear.speed_up(model, tmp_path) == {}
-    assert not any(hasattr(m, "transposed_rows") for m in model)
+    assert not any(hasattr(m, "way_for_rows") for m in model)
     monkeypatch.setattr(cpu_linear, "MIN_WEIGHTS", 65)  # too small to be worth measuring: 8 x 8 is
-    assert cpu_linear.speed_up(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 16)), tmp_path) == {"16x8:float32": [2]}
+    assert cpu_linear.speed_up(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 16)), tmp_path) == {"16x8:float32": {"transposed": [2]}}
 
 
-def test_measure_reports_row_counts_in_range():
-    rows = cpu_linear.measure([torch.randn(64, 32), torch.randn(64, 32)], max_rows=5, repeats=3)
-    assert set(rows) <= {1, 2, 3, 4, 5}
+def test_measure_gives_each_row_count_at_most_one_way():
+    ways = cpu_linear.measure([torch.randn(64, 32), torch.randn(64, 32)], max_rows=5, repeats=3)
+    assert set(ways) == {"transposed", "packed"}
+    rows = ways["transposed"] + ways["packed"]
+    assert set(rows) <= {1, 2, 3, 4, 5} and len(rows) == len(set(rows))
+    assert set(cpu_linear.measure([torch.randn(64, 32)], max_rows=2, repeats=1, pack=False)) == {"transposed"}
 
 
-@pytest.mark.parametrize("transposed", [range(2, 18), [1]], ids=["verify-passes", "one-row-steps"])
+@pytest.mark.parametrize("ways", [{"transposed": range(2, 18)}, {"transposed": [1]}, {"packed": range(2, 18)}, {"packed": [1]}],
+                         ids=["transposed-verify-passes", "transposed-one-row-steps", "packed-verify-passes", "packed-one-row-steps"])
 @pytest.mark.parametrize("prompt", ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
                                     "List three prime numbers and explain why each one is prime."])
-def test_greedy_decoding_through_the_transposed_product_is_lossless(smollm2, prompt, transposed):
-    """Either every verify pass of prompt lookup (2..11 rows) goes the transposed way and the baseline's
+def test_greedy_decoding_through_the_other_products_is_lossless(smollm2, prompt, ways):
+    """Either every verify pass of prompt lookup (2..11 rows) goes the other way and the baseline's
     one-row steps do not, or the other way round. Greedy output must still be the baseline's token for token."""
-    saved = {m: {k: m.__dict__[k] for k in ("forward", "transposed_rows") if k in m.__dict__}
+    kept = ("forward", "way_for_rows", "packed_weight")
+    saved = {m: {k: m.__dict__[k] for k in kept if k in m.__dict__}
              for m in smollm2.model.modules() if type(m) is nn.Linear}
-    choice = {cpu_linear._key(m.weight.shape, m.weight.dtype): list(transposed) for m in saved}
+    choice = {cpu_linear._key(m.weight.shape, m.weight.dtype): {way: list(rows) for way, rows in ways.items()} for m in saved}
     cpu_linear.install(smollm2.model, choice)
     try:
         ids = smollm2.tokenizer(prompt)["input_ids"]
@@ -105,6 +129,6 @@ def test_greedy_decoding_through_the_transposed_product_is_lossless(smollm2, pro
         assert spec == base
     finally:
         for m, attributes in saved.items():
-            m.__dict__.pop("forward", None)
-            m.__dict__.pop("transposed_rows", None)
+            for k in kept:
+                m.__dict__.pop(k, None)
             m.__dict__.update(attributes)
