@@ -186,9 +186,10 @@ def _available_memory() -> int:
 
 def _plain_cpu_linear(m: nn.Module) -> bool:
     # Exactly nn.Linear: quantised layers (bitsandbytes) subclass it but hold packed weights. Layers
-    # accelerate dispatched have a hooked forward of their own, which must stay.
+    # accelerate dispatched have a hooked forward of their own, which must stay. A layer routed already
+    # (the target's LM head, which a drafter shares) keeps its choice rather than being measured again.
     return (type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype.is_floating_point
-            and m.weight.numel() >= MIN_WEIGHTS and not hasattr(m, "_hf_hook"))
+            and m.weight.numel() >= MIN_WEIGHTS and not hasattr(m, "_hf_hook") and not hasattr(m, "way_for_rows"))
 
 
 def _cpu_name() -> str:

@@ -66,11 +66,10 @@ def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch)
 def test_no_packed_copies_without_the_memory_for_them(tmp_path, monkeypatch):
     packs = []
     monkeypatch.setattr(cpu_linear, "measure", lambda weights, *a, pack, **k: packs.append(pack) or {"transposed": [2]})
-    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8))
     monkeypatch.setattr(cpu_linear, "_available_memory", lambda: 2 * 2 * 128 * 4 + 1)  # twice the weights' bytes
-    cpu_linear.speed_up(model, tmp_path)
+    cpu_linear.speed_up(nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8)), tmp_path)
     monkeypatch.setattr(cpu_linear, "_available_memory", lambda: 2 * 2 * 128 * 4)
-    cpu_linear.speed_up(model, tmp_path)
+    cpu_linear.speed_up(nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8)), tmp_path)
     assert packs == [True, True, False, False]  # and the two choices are cached apart
     assert len(list((tmp_path / "cpu-linear").glob("*.json"))) == 2
 
@@ -98,6 +97,9 @@ def test_quantised_and_offloaded_layers_are_left_alone(tmp_path, monkeypatch):
     model = nn.Sequential(PackedLinear(8, 8), offloaded, dispatched)
     assert cpu_linear.speed_up(model, tmp_path) == {}
     assert not any(hasattr(m, "way_for_rows") for m in model)
+    shared = nn.Linear(8, 16)  # routed with one model, then met again in another (a drafter sharing the LM head)
+    cpu_linear.speed_up(nn.Sequential(shared), tmp_path)
+    assert cpu_linear.speed_up(nn.Sequential(shared, nn.Linear(16, 8)), tmp_path) == {"8x16:float32": {"transposed": [2]}}
     monkeypatch.setattr(cpu_linear, "MIN_WEIGHTS", 65)  # too small to be worth measuring: 8 x 8 is
     assert cpu_linear.speed_up(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 16)), tmp_path) == {"16x8:float32": {"transposed": [2]}}
 
@@ -121,8 +123,12 @@ def test_greedy_decoding_through_the_other_products_is_lossless(smollm2, prompt,
     saved = {m: {k: m.__dict__[k] for k in kept if k in m.__dict__}
              for m in smollm2.model.modules() if type(m) is nn.Linear}
     choice = {cpu_linear._key(m.weight.shape, m.weight.dtype): {way: list(rows) for way, rows in ways.items()} for m in saved}
-    cpu_linear.install(smollm2.model, choice)
     try:
+        for m in saved:
+            for k in kept:
+                m.__dict__.pop(k, None)
+        cpu_linear.install(smollm2.model, choice)
+        assert all(m.way_for_rows == {rows: way for way, counts in ways.items() for rows in counts} for m in saved)
         ids = smollm2.tokenizer(prompt)["input_ids"]
         base = [t for s in decode(smollm2, None, ids, max_new_tokens=48) for t in s.token_ids]
         spec = [t for s in decode(smollm2, PromptLookupDrafter(), ids, max_new_tokens=48) for t in s.token_ids]
