@@ -31,6 +31,7 @@ import platform
 import time
 import types
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -122,10 +123,11 @@ def _key(shape, dtype) -> str:
     return f"{shape[0]}x{shape[1]}:{str(dtype).removeprefix('torch.')}"
 
 
-def speed_up(model: nn.Module, cache: Path | None) -> dict[str, dict[str, list[int]]]:
+def speed_up(model: nn.Module, cache: Path | None, measuring: Callable[[], None] | None = None) -> dict[str, dict[str, list[int]]]:
     """Measure (or read from the cache) and install the faster product in every nn.Linear of a model
     whose weights are on the CPU. Returns {"out x in:dtype": {"transposed": rows, "packed": rows}}, the
-    row counts that take each way (the others take F.linear)."""
+    row counts that take each way (the others take F.linear). `measuring` is called before a measurement
+    (not when the cache has the choice): it takes half a minute for SmolLM2."""
     linears = [m for m in model.modules() if _plain_cpu_linear(m)]
     shapes = sorted({_key(m.weight.shape, m.weight.dtype) for m in linears})
     if not shapes:
@@ -143,6 +145,8 @@ def speed_up(model: nn.Module, cache: Path | None) -> dict[str, dict[str, list[i
         except (ValueError, KeyError):
             choice = None  # a damaged cache file is measured again
     if choice is None or set(choice) != set(shapes):
+        if measuring is not None:
+            measuring()
         weights = {}
         for m in linears:
             same = weights.setdefault(_key(m.weight.shape, m.weight.dtype), [])

@@ -36,16 +36,18 @@ class Engine:
         default_drafter: bool = True,
         placement=None,
         float_drafter: bool = False,
+        measuring=None,
     ) -> "Engine":
         """A drafter with prompt lookup copies where the context repeats itself and drafts with the model
         elsewhere (LookupOrDraft). With neither asked for, a target with a shipped drafter gets it with
         prompt lookup, the fastest way on code and maths and close to prompt lookup alone on chat
         (README, "The shipped drafter"; `default_drafter=False` loads no drafter: plain decoding). On an x86
-        CPU the drafter runs in int8 unless `float_drafter` (load_drafter)."""
+        CPU the drafter runs in int8 unless `float_drafter` (load_drafter). `measuring` is called if the
+        target's CPU products get measured (a first start; load_target)."""
         if not drafter and not prompt_lookup and default_drafter:
             drafter = shipped_drafter(target)
             prompt_lookup = drafter is not None
-        loaded = load_target(target, dtype, device, placement)
+        loaded = load_target(target, dtype, device, placement, measuring)
         draft: Drafter | None = PromptLookupDrafter() if prompt_lookup else None
         plan = Scheduler(mode=scheduler, threshold=threshold)
         if drafter:

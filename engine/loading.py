@@ -103,12 +103,13 @@ def gguf_as_safetensors(gguf: Path) -> Path:
     return out
 
 
-def load_target(spec: str, dtype: str = "auto", device: str | None = None, placement=None) -> Target:
+def load_target(spec: str, dtype: str = "auto", device: str | None = None, placement=None, measuring=None) -> Target:
     """spec: a model folder, a Hub id, a .gguf file, or "smollm2" for the embedded model.
 
     placement: from_pretrained keyword arguments that place the weights (device_map, max_memory,
     quantization_config, offload_folder, dtype), or a function of the target's config giving them
-    (a fit plan's load_kwargs); accelerate then dispatches the model and dtype/device are not used."""
+    (a fit plan's load_kwargs); accelerate then dispatches the model and dtype/device are not used.
+    measuring: called if the CPU products are measured (cpu_linear.speed_up), the first time only."""
     dev = torch.device(device) if device else default_device()
     torch_dtype = resolve_dtype(dtype, dev)
     if spec == EMBEDDED:
@@ -130,7 +131,7 @@ def load_target(spec: str, dtype: str = "auto", device: str | None = None, place
         if callable(placement):
             placement = placement(AutoConfig.from_pretrained(folder))
         model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, **({"dtype": torch_dtype} | placement))
-    return Target(model, tokenizer, spec, cpu_linear.speed_up(model, cache_dir()))
+    return Target(model, tokenizer, spec, cpu_linear.speed_up(model, cache_dir(), measuring))
 
 
 def load_drafter(spec: str, target: Target, int8: bool = True) -> DSparkDrafter:

@@ -46,8 +46,10 @@ def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch)
     ways = {"transposed": [2], "packed": [4]}
     monkeypatch.setattr(cpu_linear, "measure", lambda weights, *a, **k: calls.append([tuple(w.shape) for w in weights]) or ways)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.Linear(8, 16))
-    choice = cpu_linear.speed_up(model, tmp_path)
+    announced = []
+    choice = cpu_linear.speed_up(model, tmp_path, measuring=lambda: announced.append(len(calls)))
     assert choice == {"16x8:float32": ways, "8x16:float32": ways}
+    assert announced == [0]  # once, before measuring
     # One measurement per shape, not per layer, over every layer of that shape (as a pass reads them).
     assert sorted(calls) == [[(8, 16)], [(16, 8), (16, 8)]]
     assert model[3].way_for_rows == {2: "transposed", 4: "packed"}
@@ -56,7 +58,8 @@ def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch)
 
     calls.clear()
     again = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.Linear(8, 16))
-    assert cpu_linear.speed_up(again, tmp_path) == choice and calls == []
+    assert cpu_linear.speed_up(again, tmp_path, measuring=lambda: announced.append(len(calls))) == choice
+    assert calls == [] and announced == [0]
 
     cached.write_text("{not json")  # a damaged cache is measured again, and rewritten
     assert cpu_linear.speed_up(nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8)), tmp_path) == choice
