@@ -39,7 +39,7 @@ from torch import nn
 
 MAX_ROWS = 17  # the longest verify pass the engine runs: a block of 16 drafts and its anchor
 MEASURED_ROWS = "1..,streamed,packed"  # choices cached by an older way of measuring are measured again
-FASTER_BY = 0.1  # keep torch's own product unless the other way is at least this much faster
+FASTER_BY = 0.1  # a way is taken only where it is this much faster than each way before it (torch's own first)
 # Smaller matrices cost microseconds either way: measuring them would only pick noise. SmolLM2's 576 -> 192
 # key and value projections (110,592 weights) are just above: over 4 rows 74 us plain against about 45
 # transposed, 60 of them a pass.
@@ -100,8 +100,8 @@ def measure(weights: list[torch.Tensor], max_rows: int = MAX_ROWS, repeats: int 
     and dtype) by FASTER_BY, if one does: {"transposed": [rows], "packed": [rows]}. Each product runs over
     all the weights in turn, as a pass runs them."""
     ways = {"transposed": lambda x: [_transposed(w, x).contiguous() for w in weights]}
-    packed = [_packed(w) for w in weights] if pack else [None]
-    if all(p is not None for p in packed):
+    packed = [_packed(w) for w in weights] if pack else None
+    if packed and all(p is not None for p in packed):
         ways["packed"] = lambda x: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]
     faster = {way: [] for way in ways}
     for rows in range(1, max_rows + 1):
@@ -132,7 +132,7 @@ def speed_up(model: nn.Module, cache: Path | None, measuring: Callable[[], None]
     shapes = sorted({_key(m.weight.shape, m.weight.dtype) for m in linears})
     if not shapes:
         return {}
-    # Packed copies sit beside the weights: only where they leave half the free memory free.
+    # Packed copies sit beside the weights: only when a copy of them takes under half the free memory.
     pack = sum({m.weight.data_ptr(): m.weight.nbytes for m in linears}.values()) < _available_memory() / 2
     identity = [platform.machine(), _cpu_name(), torch.__version__, torch.get_num_threads(), shapes, MEASURED_ROWS, pack]
     path = None

@@ -639,10 +639,10 @@ def run(args, name: str, placement: dict | None = None) -> int:
             hub.pull(repos, progress)
             service.set_state("loading")
 
-        # Loaded with the scheduler off so that profiling, the slow part of start-up, shows in /health.
         def measuring() -> None:
             service.set_state("loading", "measuring this CPU's matrix products, once per model and machine")
 
+        # Loaded with the scheduler off so that profiling, the slow part of start-up, shows in /health.
         engine = Engine.load(args.target, args.drafter, args.prompt_lookup, args.dtype, args.device, "off", args.threshold,
                              args.calibration, placement=placement, float_drafter=args.float_drafter, measuring=measuring)
         engine.scheduler.mode = args.scheduler
