@@ -69,7 +69,7 @@ def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch)
 def test_no_packed_copies_without_the_memory_for_them(tmp_path, monkeypatch):
     packs = []
     monkeypatch.setattr(cpu_linear, "measure", lambda weights, *a, pack, **k: packs.append(pack) or {"transposed": [2]})
-    monkeypatch.setattr(cpu_linear, "_available_memory", lambda: 2 * 2 * 128 * 4 + 1)  # twice the weights' bytes
+    monkeypatch.setattr(cpu_linear, "_available_memory", lambda: 2 * 2 * 128 * 4 + 1)  # just over twice the weights' bytes
     cpu_linear.speed_up(nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8)), tmp_path)
     monkeypatch.setattr(cpu_linear, "_available_memory", lambda: 2 * 2 * 128 * 4)
     cpu_linear.speed_up(nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8)), tmp_path)
