@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import platformdirs
@@ -87,9 +89,13 @@ def model_dir(spec: str) -> Path:
 
 def gguf_as_safetensors(gguf: Path) -> Path:
     """Dequantise a GGUF file once and keep it as a safetensors folder: the conversion takes tens of
-    seconds, loading the result well under one."""
+    seconds, loading the result well under one. One copy per file path: when the file there changes (a
+    reinstalled package), the new copy replaces the old, which would otherwise stay behind (half a GB
+    for SmolLM2) on every reinstall."""
+    gguf = gguf.resolve()
     stat = gguf.stat()
-    out = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    source = f"{gguf.stem}-{hashlib.sha1(str(gguf).encode()).hexdigest()[:10]}"
+    out = cache_dir() / "gguf" / f"{source}-{stat.st_size}-{int(stat.st_mtime)}"
     if (out / "config.json").is_file():
         return out
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -100,6 +106,9 @@ def gguf_as_safetensors(gguf: Path) -> Path:
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     os.replace(partial, out)
+    for older in out.parent.glob(f"{source}-*"):
+        if older not in (out, partial):
+            shutil.rmtree(older, ignore_errors=True)
     return out
 
 

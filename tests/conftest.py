@@ -84,6 +84,18 @@ def build_tokenizer(vocab_size: int = 512):
     return fast
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_dir(tmp_path_factory):
+    """The suite's caches (SmolLM2 converted from GGUF, measured pass costs and CPU products, training
+    answers) go to a folder of its own, removed at the end, never to the user's cache dir; child
+    processes (servers, the app in tmux) inherit it. platformdirs reads XDG_CACHE_HOME on Linux."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(folder))
+        yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
-from dspark_chat.engine.loading import LoadError, load_drafter, load_target
+from dspark_chat.engine.loading import LoadError, embedded_gguf, gguf_as_safetensors, load_drafter, load_target
 
 from .conftest import REFERENCE, drafter_copy
 
@@ -104,3 +107,23 @@ def test_bad_target_specs_say_what_to_do(tmp_path):
         load_target(str(tmp_path / "empty"))
     with pytest.raises(LoadError, match="unknown dtype 'float8'"):
         load_target("smollm2", dtype="float8")
+
+
+def test_a_changed_gguf_file_replaces_its_older_conversion(tmp_path, monkeypatch):
+    """A reinstalled package leaves a new GGUF file at the same path: its conversion replaces the old copy
+    (half a GB for SmolLM2) instead of adding to it, and the conversions of other files stay."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    gguf = tmp_path / "models" / embedded_gguf().name
+    gguf.parent.mkdir()
+    shutil.copy(embedded_gguf(), gguf)
+    first = gguf_as_safetensors(gguf)
+    other = first.parent / "another-model-0123456789-1-1"  # another file's conversion
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    assert gguf_as_safetensors(gguf) == first  # unchanged: reused
+    later = gguf.stat().st_mtime + 60
+    os.utime(gguf, (later, later))
+    second = gguf_as_safetensors(gguf)
+    assert second != first and (second / "config.json").is_file()
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted([second.name, other.name])
+    assert AutoTokenizer.from_pretrained(second)("hello").input_ids

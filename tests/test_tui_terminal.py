@@ -1,8 +1,8 @@
 """The app in a real terminal: `dspark-chat` (the installed console script) inside a detached tmux session,
 driven by keystrokes and read back from the screen, with the real engine answering on the embedded SmolLM2.
 
-Only the saved conversations (XDG_DATA_HOME) and the engine log (XDG_STATE_HOME) go to a temporary folder; the
-cache stays where it is, so the SmolLM2 weights converted from GGUF once (~/.cache/dspark-chat/gguf) are reused.
+The saved conversations (XDG_DATA_HOME) and the engine log (XDG_STATE_HOME) go to a temporary folder; the cache
+is the suite's own (conftest's own_cache_dir), so the SmolLM2 weights converted from GGUF once per run are reused.
 Every wait is bounded and generous (the machine may be busy); nothing asserts a speed.
 """
 
