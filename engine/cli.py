@@ -95,6 +95,8 @@ def _add_train_command(commands) -> None:
                    help="start from this DSpark drafter (folder or Hub id, DeepSpec layout) instead of random weights: "
                         "its architecture and draft vocabulary are kept")
     t.add_argument("--layers", type=int, help="drafter decoder layers (default 2)")
+    t.add_argument("--intermediate-size", type=int, metavar="N",
+                   help="width of the drafter layers' MLP (default: the target's); a narrower one makes room for a layer more")
     t.add_argument("--block-size", type=int, help="tokens drafted per round (default 7)")
     t.add_argument("--markov-rank", type=int, help="Markov head rank, 0 for none (default 32)")
     t.add_argument("--markov-head", choices=["vanilla", "gated", "rnn"], help="(default vanilla)")

@@ -190,6 +190,7 @@ def drafter_config(target: Target, options, layers: list[int]) -> dict:
         layer_types=["full_attention"] * options.layers, tie_word_embeddings=False, mask_token_id=int(mask),
         num_anchors=options.anchors, markov_rank=rank, markov_head_type=options.markov_head,
         enable_confidence_head=True, confidence_head_with_markov=rank > 0, head_dim=target_head_dim(target),
+        intermediate_size=options.intermediate_size or config["intermediate_size"],
     )
     return json.loads(json.dumps(config))  # as config.json will hold it (integer keys become strings)
 
@@ -202,7 +203,7 @@ def target_head_dim(target: Target) -> int:
 # option -> (config.json field, default without --init)
 ARCHITECTURE = {"layers": ("num_hidden_layers", 2), "block_size": ("block_size", 7), "markov_rank": ("markov_rank", 32),
                 "markov_head": ("markov_head_type", "vanilla"), "target_layers": ("target_layer_ids", None),
-                "mask_token_id": ("mask_token_id", None)}
+                "mask_token_id": ("mask_token_id", None), "intermediate_size": ("intermediate_size", None)}
 
 
 def resolve_architecture(options, init_config: dict | None) -> None:

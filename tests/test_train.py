@@ -266,6 +266,21 @@ def test_an_init_that_is_not_a_drafter_or_contradicts_an_option_is_refused(train
     assert not (root / "refused").exists()
 
 
+def test_a_narrower_mlp_is_written_loaded_and_kept_by_an_init_run(run, target, capsys):
+    out = run("narrow", 2, "--intermediate-size", "24")
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 24  # the target's is 64
+    drafter = load_drafter(str(out), target)
+    assert [layer.mlp.up_proj.out_features for layer in drafter.layers] == [24]
+    ids = chat_ids(target, "The quick brown")
+    assert answer(target, drafter, ids)[0] == answer(target, None, ids)[0]
+    root = run.target_dir.parent
+    refused = ["train", "--target", str(run.target_dir), "--prompts", str(root / "prompts.jsonl"), "--out",
+               str(root / "refused-width"), "--init", str(out), "--intermediate-size", "64", "--cache-dir", str(root / "cache")]
+    capsys.readouterr()
+    assert cli(refused) != 0
+    assert f"--intermediate-size 64: the --init drafter {out} has 24" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("omit", [True, False])
 def test_embeddings_are_omitted_on_request_and_the_target_s_are_shared(run, target, omit):
     out = run(f"omit-{omit}", 2, *(["--omit-embeddings"] if omit else []))
