@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
 import json
@@ -106,7 +107,7 @@ def gguf_as_safetensors(gguf: Path) -> Path:
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     os.replace(partial, out)
-    for older in out.parent.glob(f"{source}-*"):
+    for older in out.parent.glob(glob.escape(source) + "-*"):  # a file name may hold [ or *
         if older not in (out, partial):
             shutil.rmtree(older, ignore_errors=True)
     return out
