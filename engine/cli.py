@@ -93,10 +93,12 @@ def _add_train_command(commands) -> None:
     t.add_argument("--out", required=True, help="output folder: the drafter (DeepSpec layout), calibration.json, checkpoint/ to resume from")
     t.add_argument("--init", metavar="DRAFTER",
                    help="start from this DSpark drafter (folder or Hub id, DeepSpec layout) instead of random weights: "
-                        "its architecture and draft vocabulary are kept")
-    t.add_argument("--layers", type=int, help="drafter decoder layers (default 2)")
+                        "its architecture and draft vocabulary are kept, but for --layers and --intermediate-size")
+    t.add_argument("--layers", type=int,
+                   help="drafter decoder layers (default 2); with --init, more than its layers adds layers that start as no-ops")
     t.add_argument("--intermediate-size", type=int, metavar="N",
-                   help="width of the drafter layers' MLP (default: the target's); a narrower one makes room for a layer more")
+                   help="width of the drafter layers' MLP (default: the target's); a narrower one makes room for a layer more. "
+                        "With --init, a narrower MLP keeps each layer's strongest neurons, a wider one adds neurons that start as no-ops")
     t.add_argument("--block-size", type=int, help="tokens drafted per round (default 7)")
     t.add_argument("--markov-rank", type=int, help="Markov head rank, 0 for none (default 32)")
     t.add_argument("--markov-head", choices=["vanilla", "gated", "rnn"], help="(default vanilla)")

@@ -208,7 +208,8 @@ ARCHITECTURE = {"layers": ("num_hidden_layers", 2), "block_size": ("block_size",
 
 def resolve_architecture(options, init_config: dict | None) -> None:
     """Fill in the architecture options left out: the --init drafter's, else the defaults. One given
-    that contradicts the --init drafter is refused: its weights have that shape."""
+    that contradicts the --init drafter is refused (its weights have that shape), except more layers
+    and another MLP width, which carry_over makes from its weights."""
     for name, (field, default) in ARCHITECTURE.items():
         given = getattr(options, name)
         if init_config is None:
@@ -216,9 +217,51 @@ def resolve_architecture(options, init_config: dict | None) -> None:
             continue
         theirs = init_config.get(field, default)
         if given is not None and given != theirs:
+            if name == "intermediate_size" or (name == "layers" and given > theirs):
+                continue
             flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} {given}: the --init drafter {options.init} has {theirs}; leave {flag} out to keep it")
+            fewer = "; layers can be added to a drafter, not taken away" if name == "layers" else ""
+            raise ValueError(f"{flag} {given}: the --init drafter {options.init} has {theirs}{fewer}; leave {flag} out to keep it")
         setattr(options, name, theirs)
+
+
+def reshaped(init_config: dict, layers: int, width: int | None) -> dict:
+    """The --init drafter's config with `layers` layers (added ones attend like the rest) and MLPs `width` wide."""
+    config = init_config | {"num_hidden_layers": layers} | ({} if width is None else {"intermediate_size": width})
+    if "layer_types" in init_config:
+        config["layer_types"] = init_config["layer_types"] + ["full_attention"] * (layers - len(init_config["layer_types"]))
+    return config
+
+
+def carry_over(init: DSparkDrafter, drafter: DSparkDrafter) -> None:
+    """Start `drafter` from the --init drafter's weights. Layers it adds, and the neurons of an MLP made
+    wider, start with zero output projections: they add nothing to the residual stream until training
+    moves them, so the grown drafter starts out drafting exactly as the --init one did. A narrower MLP
+    keeps each layer's strongest neurons (by the product of their three weight vectors' norms) and
+    starts out close to it."""
+    params = trainable(drafter)
+    with torch.no_grad():
+        for name, p in trainable(init).items():
+            if params[name].shape == p.shape:  # an MLP of another width is carried over below
+                params[name].copy_(p)
+        for layer in drafter.layers[len(init.layers) :]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        for old, new in zip(init.layers, drafter.layers):
+            keep = strongest_neurons(old.mlp, new.mlp.gate_proj.out_features)
+            new.mlp.gate_proj.weight[: len(keep)] = old.mlp.gate_proj.weight[keep]
+            new.mlp.up_proj.weight[: len(keep)] = old.mlp.up_proj.weight[keep]
+            new.mlp.down_proj.weight[:, : len(keep)] = old.mlp.down_proj.weight[:, keep]
+            new.mlp.down_proj.weight[:, len(keep) :] = 0
+
+
+def strongest_neurons(mlp, count: int) -> torch.Tensor:
+    """The indices, in order, of an MLP's `count` neurons (all of them if it has fewer) whose gate, up and
+    down weight vectors have the largest product of norms: a neuron's output scales with all three."""
+    strength = mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1) * mlp.down_proj.weight.norm(dim=0)
+    if count >= len(strength):
+        return torch.arange(len(strength))
+    return strength.topk(count).indices.sort().values
 
 
 def starting_drafter(spec: str, target: Target, anchors: int) -> tuple[dict, DSparkDrafter]:
@@ -569,13 +612,13 @@ def _train(options, log) -> dict:
     log(f"data: {len(pool)} training and {len(held)} held-out answers, "
         f"{sum(s.ids.shape[0] - s.prompt_len for s in pool)} training answer tokens")
 
-    config = init_config or drafter_config(target, options, layers)
+    if init_config is None:
+        config = drafter_config(target, options, layers)
+    else:
+        config = reshaped(init_config, options.layers, options.intermediate_size)
     drafter = new_drafter(config, target, options.seed)
     if init is not None:
-        params = trainable(drafter)
-        with torch.no_grad():
-            for name, p in trainable(init).items():
-                params[name].copy_(p)
+        carry_over(init, drafter)
     if options.draft_vocab is None and init is not None:
         vocab = None if init.draft_vocab is None else init.draft_vocab.cpu()
         source = "of the --init drafter"

@@ -273,12 +273,64 @@ def test_a_narrower_mlp_is_written_loaded_and_kept_by_an_init_run(run, target, c
     assert [layer.mlp.up_proj.out_features for layer in drafter.layers] == [24]
     ids = chat_ids(target, "The quick brown")
     assert answer(target, drafter, ids)[0] == answer(target, None, ids)[0]
+    kept = run("narrow-kept", 0, "--init", str(out))
+    assert json.loads((kept / "config.json").read_text())["intermediate_size"] == 24
+
+
+def drafts(target, drafter, texts):
+    """Every round's drafts and confidence logits over a few prompts, one list per prompt."""
+    rounds = []
+    for text in texts:
+        target.rewind(0)
+        drafter.rewind(0)
+        steps = list(decode(target, drafter, chat_ids(target, text), max_new_tokens=40))[1:]
+        rounds.append([(s.draft_ids, s.confidences) for s in steps])
+    return rounds
+
+
+def test_an_init_drafter_grown_by_a_layer_and_neurons_drafts_as_before_then_trains(trained, run, target, capsys):
+    _, trained_dir = trained  # 1 layer, the target's MLP width (64)
+    grown = run("grown", 0, "--init", str(trained_dir), "--layers", "2", "--intermediate-size", "80")
+    config = json.loads((grown / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["intermediate_size"], config["layer_types"]) == (2, 80, ["full_attention"] * 2)
+    before, after = load_drafter(str(trained_dir), target, int8=False), load_drafter(str(grown), target, int8=False)
+    assert [layer.mlp.up_proj.out_features for layer in after.layers] == [80, 80]
+    # The added layer and neurons start as no-ops: the same drafts, the same confidences.
+    texts = snippets(5, 3)
+    for old, new in zip(drafts(target, before, texts), drafts(target, after, texts)):
+        assert [ids for ids, _ in old] == [ids for ids, _ in new]
+        for (_, a), (_, b) in zip(old, new):  # None where a round drafted nothing
+            assert a is b is None or torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+    # Training moves them; the result loads and decodes losslessly.
+    trained_on = run("grown-trained", 10, "--init", str(grown), "--layers", "2", "--lr", "1e-3")
+    with safe_open(trained_on / "model.safetensors", "pt") as f:
+        assert f.get_tensor("layers.1.mlp.down_proj.weight").abs().sum() > 0
+    drafter = load_drafter(str(trained_on), target)
+    for text in snippets(6, 2):
+        prompt = chat_ids(target, text)
+        assert answer(target, drafter, prompt)[0] == answer(target, None, prompt)[0]
+    capsys.readouterr()
     root = run.target_dir.parent
     refused = ["train", "--target", str(run.target_dir), "--prompts", str(root / "prompts.jsonl"), "--out",
-               str(root / "refused-width"), "--init", str(out), "--intermediate-size", "64", "--cache-dir", str(root / "cache")]
-    capsys.readouterr()
+               str(root / "refused-layers"), "--init", str(grown), "--layers", "1", "--cache-dir", str(root / "cache")]
     assert cli(refused) != 0
-    assert f"--intermediate-size 64: the --init drafter {out} has 24" in capsys.readouterr().err
+    assert (f"--layers 1: the --init drafter {grown} has 2; layers can be added to a drafter, not taken away"
+            in capsys.readouterr().err)
+
+
+def test_an_init_drafter_narrowed_keeps_its_strongest_neurons(trained, run, target):
+    _, trained_dir = trained
+    narrowed = run("narrowed", 0, "--init", str(trained_dir), "--intermediate-size", "24")
+    assert json.loads((narrowed / "config.json").read_text())["intermediate_size"] == 24
+    with safe_open(trained_dir / "model.safetensors", "pt") as a, safe_open(narrowed / "model.safetensors", "pt") as b:
+        gate, up, down = (a.get_tensor(f"layers.0.mlp.{n}_proj.weight") for n in ("gate", "up", "down"))
+        strength = gate.norm(dim=1) * up.norm(dim=1) * down.norm(dim=0)
+        keep = sorted(strength.argsort(descending=True)[:24].tolist())
+        assert torch.equal(b.get_tensor("layers.0.mlp.up_proj.weight"), up[keep])
+        assert torch.equal(b.get_tensor("layers.0.mlp.down_proj.weight"), down[:, keep])
+    drafter = load_drafter(str(narrowed), target)
+    prompt = chat_ids(target, "The quick brown")
+    assert answer(target, drafter, prompt)[0] == answer(target, None, prompt)[0]
 
 
 @pytest.mark.parametrize("omit", [True, False])
