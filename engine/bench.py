@@ -17,8 +17,8 @@ import torch
 from .decode import Drafter
 from .divergence import explain_divergence
 from .dspark import DSparkDrafter
-from .engine import Engine
-from .loading import EMBEDDED, cache_dir, embedded_gguf, load_target
+from .engine import Engine, folder_calibration
+from .loading import EMBEDDED, cache_dir, embedded_gguf, load_drafter, load_target, model_dir
 from .prompt_lookup import LookupOrDraft, PromptLookupDrafter
 from .sampling import Sampling
 from .scheduler import sps_profile
@@ -41,6 +41,7 @@ class Mode:
     name: str
     drafter: Drafter | None = None
     scheduler: str | None = None
+    temperatures: list[float] | None = None  # the calibration of its DSpark drafter
     hf_options: dict | None = None  # set for transformers modes
     llama: object | None = None  # a llama_cpp.Llama, for the llama.cpp mode
     # Why its greedy output need not equal the baseline's token for token (None: it must).
@@ -74,21 +75,32 @@ def read_prompts(path: Path, limit: int | None) -> list[list[str]]:
     return rows[:limit] if limit else rows
 
 
-def build_modes(engine: Engine, names: list[str], prompt_lookup_tokens: int, assistant: Target | None = None) -> list[Mode]:
+def build_modes(engine: Engine, names: list[str], prompt_lookup_tokens: int, assistant: Target | None = None,
+                drafters: dict[str, tuple[DSparkDrafter, list[float] | None]] | None = None) -> list[Mode]:
+    """`drafters` maps a label to a DSpark drafter and its calibration; by default the engine's drafter,
+    unlabelled. With several, a drafter mode runs once per drafter, named MODE@LABEL (MODE@LABEL itself
+    names one of them), each drafter verified with its own calibration."""
+    if drafters is None:
+        drafters = {"": (engine.drafter, engine.scheduler.temperatures)} if isinstance(engine.drafter, DSparkDrafter) else {}
     modes = []
     for name in names:
         if name == BASELINE:
             modes.append(Mode(name))
         elif name.startswith("drafter"):
-            if not isinstance(engine.drafter, DSparkDrafter):
-                raise ValueError(f"mode {name} needs --drafter")
-            kind, _, scheduler = name.partition(":")
+            base, _, label = name.partition("@")
+            kind, _, scheduler = base.partition(":")
             if kind not in ("drafter", "drafter+lookup"):
                 raise ValueError(f"unknown mode {name!r} (known: {MODE_NAMES})")
-            drafter = engine.drafter
-            if kind == "drafter+lookup":
-                drafter = LookupOrDraft(drafter, PromptLookupDrafter(prompt_lookup_tokens, min_match=LookupOrDraft.MIN_MATCH))
-            modes.append(Mode(name, drafter, scheduler or None))
+            if not drafters:
+                raise ValueError(f"mode {name} needs --drafter")
+            if label and label not in drafters:
+                raise ValueError(f"mode {name}: no drafter is labelled {label!r}; the labels are: {', '.join(drafters) or 'none (one --drafter)'}")
+            for key, (drafter, temperatures) in drafters.items():
+                if label and key != label:
+                    continue
+                if kind == "drafter+lookup":
+                    drafter = LookupOrDraft(drafter, PromptLookupDrafter(prompt_lookup_tokens, min_match=LookupOrDraft.MIN_MATCH))
+                modes.append(Mode(f"{base}@{key}" if key else base, drafter, scheduler or None, temperatures))
         elif name.startswith("prompt-lookup"):
             scheduler = name.partition(":")[2] or None
             if scheduler not in (None, "off", "auto"):
@@ -152,8 +164,8 @@ def run_mode(engine: Engine, mode: Mode, ids: list[int], sampling: Sampling, max
 
 
 def run_engine(engine: Engine, mode: Mode, ids: list[int], sampling: Sampling, max_new_tokens: int) -> tuple[list[int], dict]:
-    drafter = engine.drafter
-    engine.drafter = mode.drafter
+    drafter, temperatures = engine.drafter, engine.scheduler.temperatures
+    engine.drafter, engine.scheduler.temperatures = mode.drafter, mode.temperatures
     # Every run prefills its whole prompt, as generate() does: a cache left by the mode before would
     # make this one's first token look fast.
     engine.target.rewind(0)
@@ -162,7 +174,7 @@ def run_engine(engine: Engine, mode: Mode, ids: list[int], sampling: Sampling, m
     try:
         steps = [s.to_dict() for s in engine.generate(ids, sampling, max_new_tokens, mode.drafter is not None, scheduler=mode.scheduler)]
     finally:
-        engine.drafter = drafter
+        engine.drafter, engine.scheduler.temperatures = drafter, temperatures
     return [t for s in steps for t in s["token_ids"]], summarize(steps) | position_counts(steps)
 
 
@@ -407,7 +419,8 @@ def _ratios(results: list[Result], name: str, reference: str) -> list[float]:
 
 
 def format_table(report: dict) -> str:
-    head = f"{'mode':<22}{'tok/s':>8}{'(min-max)':>16}{'TTFT ms':>9}{'tau':>6}{'accept':>8}{'draft':>7}{'vs base':>9}{'vs hf':>7}{'ties':>6}{'bugs':>6}"
+    width = max(22, 2 + max(map(len, report["modes"])))  # labelled drafter modes run long
+    head = f"{'mode':<{width}}{'tok/s':>8}{'(min-max)':>16}{'TTFT ms':>9}{'tau':>6}{'accept':>8}{'draft':>7}{'vs base':>9}{'vs hf':>7}{'ties':>6}{'bugs':>6}"
     lines = [head, "-" * len(head)]
 
     def num(value, fmt):
@@ -416,7 +429,7 @@ def format_table(report: dict) -> str:
     for name, row in report["modes"].items():
         spread = f"({row['decode_tokens_per_s_min']:.1f}-{row['decode_tokens_per_s_max']:.1f})"
         lines.append(
-            f"{name:<22}{row['decode_tokens_per_s_median']:>8.1f}{spread:>16}{row['time_to_first_token_ms_median']:>9.0f}"
+            f"{name:<{width}}{row['decode_tokens_per_s_median']:>8.1f}{spread:>16}{row['time_to_first_token_ms_median']:>9.0f}"
             f"{num(row['tau'], '.2f'):>6}{num(row['acceptance_rate'], '.0%'):>8}"
             f"{num(row['draft_share'], '.0%'):>7}{num(row['speedup_vs_baseline'], '.2f'):>9}"
             f"{num(row['speedup_vs_hf'], '.2f'):>7}{num(row['near_ties'], 'd'):>6}{num(row['mismatches'], 'd'):>6}"
@@ -499,6 +512,16 @@ def profile(args) -> int:
     return 0
 
 
+def drafter_labels(paths: list[str]) -> list[str]:
+    """How mode names tell several drafters apart: their folder names, or the paths as given where two
+    folders share a name."""
+    names = [Path(p.rstrip("/")).name for p in paths]
+    labels = names if len(set(names)) == len(names) else paths
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"--drafter names the same drafter twice: {' '.join(paths)}")
+    return labels
+
+
 def main(args) -> int:
     if args.profile:
         return profile(args)
@@ -512,14 +535,23 @@ def main(args) -> int:
     prompts = read_prompts(Path(args.prompts), args.limit)
     if not prompts:
         raise ValueError(f"{args.prompts}: no prompts")
-    engine = Engine.load(args.target, args.drafter, False, args.dtype, args.device, "auto", float_drafter=args.float_drafter)
+    paths = args.drafter or []
+    labels = drafter_labels(paths)
+    engine = Engine.load(args.target, paths[0] if paths else None, False, args.dtype, args.device, "auto",
+                         float_drafter=args.float_drafter)
+    drafters = None
+    if len(paths) > 1:
+        drafters = {labels[0]: (engine.drafter, engine.scheduler.temperatures)}
+        for label, path in zip(labels[1:], paths[1:]):
+            folder = model_dir(path)
+            drafters[label] = (load_drafter(str(folder), engine.target, int8=not args.float_drafter), folder_calibration(folder))
     assistant = load_target(args.assistant, args.dtype, args.device) if args.assistant else None
-    names = args.modes or ([BASELINE, "prompt-lookup", "hf", "hf-prompt-lookup"] + (["drafter"] if args.drafter else [])
+    names = args.modes or ([BASELINE, "prompt-lookup", "hf", "hf-prompt-lookup"] + (["drafter"] if paths else [])
                            + (["hf-assisted"] if args.assistant else []))
-    modes = build_modes(engine, names, args.prompt_lookup_tokens, assistant)
-    needed = args.prompt_lookup_tokens + 1
-    if any(m.name.startswith("prompt-lookup") for m in modes) and len(engine.scheduler.sps or []) < needed:
-        # The auto scheduler weighs prompt lookup's drafts against the verify cost of each length.
+    modes = build_modes(engine, names, args.prompt_lookup_tokens, assistant, drafters)
+    needed = max((m.drafter.block_size + 1 for m in modes if m.drafter is not None), default=0)
+    if len(engine.scheduler.sps or []) < needed:
+        # The auto scheduler weighs each drafter's drafts against the verify cost of every length it drafts.
         engine.scheduler.sps = sps_profile(engine.target, needed, cache_dir())
     sampling = Sampling(args.temperature, seed=args.seed)
     progress = Progress(len(prompts), sum(len(t) for t in prompts) * len(modes) * args.repeats)
@@ -527,6 +559,7 @@ def main(args) -> int:
     progress.finish()
     result["command"] = " ".join(sys.argv)
     result["engine"] = engine.describe()
+    result["drafters"] = dict(zip(labels, paths)) if len(paths) > 1 else None
     result["assistant"] = args.assistant
     print(format_table(result))
     if args.json:

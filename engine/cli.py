@@ -137,7 +137,9 @@ def _at_least_one(value: str) -> int:
 def _add_bench_command(commands) -> None:
     bench = commands.add_parser("bench", help="decoding modes side by side on a prompt file: tok/s, tau, identity")
     bench.add_argument("--target", default="smollm2", help="model folder, Hub id, .gguf file, or smollm2 (the default)")
-    bench.add_argument("--drafter", help="DSpark/DFlash drafter (adds the `drafter` mode)")
+    bench.add_argument("--drafter", nargs="+", metavar="DRAFTER",
+                       help="DSpark/DFlash drafter (adds the `drafter` mode); several are compared in one run: each drafter "
+                            "mode runs once per drafter, named MODE@FOLDER, each with its own calibration.json")
     bench.add_argument("--assistant", help="a small draft model for transformers' assisted generation (adds the `hf-assisted` mode): "
                        "folder, Hub id, .gguf file or smollm2, with the target's tokenizer")
     bench.add_argument("--prompts", help="JSON lines with a 'turns' list (multi-turn runs as a conversation); needed unless --profile")

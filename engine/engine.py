@@ -55,10 +55,7 @@ class Engine:
             draft = load_drafter(str(folder), loaded, int8=not float_drafter)
             if prompt_lookup:
                 draft = LookupOrDraft(draft)
-            if calibration is None and (folder / "calibration.json").is_file():
-                calibration = str(folder / "calibration.json")
-            if calibration:
-                plan.temperatures = load_calibration(Path(calibration))
+            plan.temperatures = load_calibration(Path(calibration)) if calibration else folder_calibration(folder)
         engine = cls(loaded, draft, plan)
         if scheduler == "auto":
             engine.scheduler_for("auto")  # profile now, at start-up, rather than in the first request
@@ -114,6 +111,12 @@ class Engine:
         elif isinstance(self.drafter, PromptLookupDrafter):
             kind = "prompt lookup"
         return f"{self.target.name} ({self.target.dtype}, {self.target.device}), {kind}"
+
+
+def folder_calibration(folder: Path) -> list[float] | None:
+    """The temperatures of the calibration.json beside a drafter, if it has one."""
+    path = folder / "calibration.json"
+    return load_calibration(path) if path.is_file() else None
 
 
 def _block(drafter: DSparkDrafter) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ from dspark_chat.engine.bench import Progress, bench, build_modes, format_table,
 from dspark_chat.engine.engine import Engine
 from dspark_chat.engine.loading import cache_dir, load_drafter, load_target
 from dspark_chat.engine.sampling import Sampling
-from dspark_chat.engine.scheduler import sps_profile
+from dspark_chat.engine.scheduler import Scheduler, sps_profile
 
 from .conftest import REFERENCE, make_tiny_pair
 
@@ -105,6 +106,50 @@ def test_repeats_keep_the_fastest_run_with_the_first_runs_output(tiny_target, pr
     assert "fastest of 3 runs" in format_table(report)
     with pytest.raises(ValueError, match="at least 1"):
         bench(engine, read_prompts(prompts, None), modes, Sampling(), 8, warmup=False, repeats=0)
+
+
+SPS = [10.0, 9.5, 9.0, 8.5, 8.0, 7.5, 7.0, 6.5, 6.0, 5.5, 5.0]  # a fixed verify-speed profile: no measuring
+
+
+def _verified(engine, modes, prompts):
+    """Per drafter mode: how many drafts its rounds verified, over every prompt turn."""
+    report = bench(engine, read_prompts(prompts, None), modes, Sampling(), 12, warmup=False)
+    assert report["outputs_identical"] is True
+    counts = {}
+    for run in report["runs"]:
+        if run["mode"] != "baseline":
+            counts[run["mode"]] = counts.get(run["mode"], 0) + run["stats"]["verified"]
+    return counts
+
+
+def test_several_drafters_run_side_by_side_each_with_its_own_calibration(tiny_target, prompts):
+    """The same weights twice, the second with sharpened confidences: in one run each drafter mode verifies
+    exactly as many drafts as a run with that drafter and calibration alone does, and the two differ."""
+    sharp = [0.1] * 8
+    alone = {}
+    for temperatures in (None, sharp):
+        engine = Engine(tiny_target, load_drafter(str(REFERENCE / "dspark"), tiny_target), Scheduler("auto", sps=SPS, temperatures=temperatures))
+        alone[bool(temperatures)] = _verified(engine, build_modes(engine, ["baseline", "drafter", "drafter+lookup"], 5), prompts)
+    assert alone[False]["drafter"] != alone[True]["drafter"]  # the calibration matters to this drafter's rounds
+
+    engine = Engine(tiny_target, scheduler=Scheduler("auto", sps=SPS))
+    drafters = {"plain": (load_drafter(str(REFERENCE / "dspark"), tiny_target), None),
+                "sharp": (load_drafter(str(REFERENCE / "dspark"), tiny_target), sharp)}
+    modes = build_modes(engine, ["baseline", "drafter", "drafter+lookup@sharp"], 5, drafters=drafters)
+    assert [m.name for m in modes] == ["baseline", "drafter@plain", "drafter@sharp", "drafter+lookup@sharp"]
+    together = _verified(engine, modes, prompts)
+    assert together == {"drafter@plain": alone[False]["drafter"], "drafter@sharp": alone[True]["drafter"],
+                        "drafter+lookup@sharp": alone[True]["drafter+lookup"]}
+    assert engine.drafter is None and engine.scheduler.temperatures is None  # put back after every run
+    with pytest.raises(ValueError, match="mode drafter@other: no drafter is labelled 'other'; the labels are: plain, sharp"):
+        build_modes(engine, ["drafter@other"], 5, drafters=drafters)
+
+
+def test_drafter_labels_are_folder_names_unless_two_share_one():
+    assert bench_module.drafter_labels(["models/smollm2-dspark", "/runs/grown/"]) == ["smollm2-dspark", "grown"]
+    assert bench_module.drafter_labels(["a/out", "b/out"]) == ["a/out", "b/out"]
+    with pytest.raises(ValueError, match="--drafter names the same drafter twice: a/out a/out"):
+        bench_module.drafter_labels(["a/out", "a/out"])
 
 
 def test_acceptance_by_position_adds_counts_over_runs():
@@ -257,6 +302,24 @@ def test_command_line_writes_json_and_plot(tiny_target_dir, prompts, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib_image.imread(str(png)).shape == (480, 1200, 4)  # 12 x 4.8 inches at 100 dpi
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_command_line_compares_two_drafters_in_one_run(tiny_target_dir, prompts, tmp_path):
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(REFERENCE / "dspark", calibrated)
+    (calibrated / "calibration.json").write_text(json.dumps({"temperatures": [0.5] * 8}))
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "dspark_chat.app.cli", "bench", "--target", str(tiny_target_dir), "--prompts", str(prompts),
+           "--limit", "1", "--max-new-tokens", "6", "--drafter", str(REFERENCE / "dspark"), str(calibrated),
+           "--modes", "baseline", "drafter", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.split("\n") if line.startswith(("mode ", "baseline ", "drafter@"))]
+    assert len(rows) == 4 and len({len(line) for line in rows}) == 1  # the long mode names keep the columns aligned
+    report = json.loads(out.read_text())
+    assert list(report["modes"]) == ["baseline", "drafter@dspark", "drafter@calibrated"]
+    assert report["drafters"] == {"dspark": str(REFERENCE / "dspark"), "calibrated": str(calibrated)}
+    assert report["outputs_identical"] is True
 
 
 @pytest.fixture
