@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .cpu_linear import cpuinfo
 from .decode import Drafter
 from .divergence import explain_divergence
 from .dspark import DSparkDrafter
@@ -242,11 +243,12 @@ def run_llama(engine: Engine, mode: Mode, ids: list[int], sampling: Sampling, ma
 def machine() -> dict:
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    fields = cpuinfo()
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:  # a VM's name can be generic: the generation and vector width tell hosts apart
+        flags = fields.get("flags", "").split()
+        vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
+        cpu += f" (family {fields['cpu family']} model {fields.get('model', '?')}{', ' + vector if vector else ''})"
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {"cpu": cpu, "cores": torch.get_num_threads(), "gpus": gpus, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__}

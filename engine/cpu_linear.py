@@ -134,7 +134,7 @@ def speed_up(model: nn.Module, cache: Path | None, measuring: Callable[[], None]
         return {}
     # Packed copies sit beside the weights: only when a copy of them takes under half the free memory.
     pack = sum({m.weight.data_ptr(): m.weight.nbytes for m in linears}.values()) < _available_memory() / 2
-    identity = [platform.machine(), _cpu_name(), torch.__version__, torch.get_num_threads(), shapes, MEASURED_ROWS, pack]
+    identity = [cpu_identity(), torch.__version__, torch.get_num_threads(), shapes, MEASURED_ROWS, pack]
     path = None
     if cache is not None:
         path = cache / "cpu-linear" / (hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16] + ".json")
@@ -196,11 +196,23 @@ def _plain_cpu_linear(m: nn.Module) -> bool:
             and m.weight.numel() >= MIN_WEIGHTS and not hasattr(m, "_hf_hook") and not hasattr(m, "way_for_rows"))
 
 
-def _cpu_name() -> str:
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ({} where there is none)."""
+    fields = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            name, _, value = line.partition(":")
+            fields.setdefault(name.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor()
+    return fields
+
+
+def cpu_identity() -> str:
+    """What the measured costs depend on: the processor's architecture, name, generation and instruction
+    sets. The name alone is not enough: a cloud VM's is often generic ("AMD EPYC" on both an AVX2 host and
+    an AVX-512 one here, whose products and passes cost differently)."""
+    fields = cpuinfo()
+    flags = hashlib.sha256(fields.get("flags", "").encode()).hexdigest()[:12]
+    generation = "/".join(fields.get(k, "?") for k in ("cpu family", "model", "stepping"))
+    return f"{platform.machine()} {fields.get('model name') or platform.processor()} {generation} flags {flags}"

@@ -351,3 +351,13 @@ def test_llama_cpp_runs_the_embedded_gguf_and_stays_out_of_the_identity_check(ll
     table = format_table(report)
     assert re.search(r"^llama\.cpp .* - +-$", table, re.M)
     assert "llama.cpp: ties/bugs excluded: llama.cpp computes with the GGUF's quantised weights" in table
+
+
+def test_the_machine_is_named_by_generation_and_vector_width(monkeypatch):
+    # A VM's processor name can be generic: the report tells an AVX2 host from an AVX-512 one of the same name.
+    for flags, width in (("fpu avx2 avx512f avx512_bf16", ", AVX-512"), ("fpu avx2", ", AVX2"), ("fpu sse2", "")):
+        fields = {"model name": "AMD EPYC", "cpu family": "26", "model": "2", "flags": flags}
+        monkeypatch.setattr(bench_module, "cpuinfo", lambda: fields)
+        assert bench_module.machine()["cpu"] == f"AMD EPYC (family 26 model 2{width})"
+    monkeypatch.setattr(bench_module, "cpuinfo", lambda: {})  # no /proc/cpuinfo (macOS)
+    assert bench_module.machine()["cpu"]

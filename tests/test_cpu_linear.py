@@ -66,6 +66,28 @@ def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch)
     assert len(calls) == 2 and json.loads(cached.read_text())["ways"] == choice
 
 
+def test_the_cache_is_kept_per_processor_not_per_processor_name(tmp_path, monkeypatch):
+    # Two hosts a cloud VM ran on here, both named "AMD EPYC": an AVX2 one and an AVX-512 one.
+    avx2 = "processor\t: 0\ncpu family\t: 25\nmodel\t: 1\nstepping\t: 1\nmodel name\t: AMD EPYC\nflags\t: fpu avx2\n"
+    avx512 = avx2.replace(": 25", ": 26").replace("avx2", "avx2 avx512f avx512_bf16")
+    cpuinfo = tmp_path / "cpuinfo"
+    real_path = cpu_linear.Path
+    monkeypatch.setattr(cpu_linear, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    identities = []
+    for text in (avx2, avx512, avx2 + "\nprocessor\t: 1\nflags\t: fpu\n"):
+        cpuinfo.write_text(text)
+        identities.append(cpu_linear.cpu_identity())
+    assert identities[0] != identities[1] and identities[0] == identities[2]  # the first processor's fields
+    assert "AMD EPYC 25/1/1" in identities[0]
+
+    measured = []
+    monkeypatch.setattr(cpu_linear, "measure", lambda weights, *a, **k: measured.append(1) or {"transposed": [2]})
+    for identity in ("host A", "host B", "host A"):
+        monkeypatch.setattr(cpu_linear, "cpu_identity", lambda: identity)
+        cpu_linear.speed_up(nn.Sequential(nn.Linear(8, 16)), tmp_path / "cache")
+    assert len(measured) == 2 and len(list((tmp_path / "cache" / "cpu-linear").glob("*.json"))) == 2
+
+
 def test_no_packed_copies_without_the_memory_for_them(tmp_path, monkeypatch):
     packs = []
     monkeypatch.setattr(cpu_linear, "measure", lambda weights, *a, pack, **k: packs.append(pack) or {"transposed": [2]})
