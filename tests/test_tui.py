@@ -119,9 +119,15 @@ def test_pick_a_pair_chat_settings_cancel_and_history(tiny_hub):
             status = str(chat.query_one(StatusBar).render())
             assert "tok/s" in status and "tau" in status and "first token" in status and "accepted by position" in status
 
-            # Cancel: a long answer stopped by escape keeps what arrived and is saved.
+            # Cancel: a long answer stopped by escape keeps what arrived and is saved. The tiny model's
+            # greedy answer to this prompt runs to the token limit (to others it stops by itself after a
+            # few hundred tokens, which a fast machine streams before the escape lands).
             chat.conversation.settings["max_tokens"] = 900
-            chat.query_one(ChatInput).insert("and now a long one")
+            history_so_far = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": answer.content},
+                              {"role": "user", "content": "write a long story"}]
+            reference = greedy_reference(app.connection.client.url, "tiny-dspark", history_so_far, 900)
+            assert reference["choices"][0]["finish_reason"] == "length"
+            chat.query_one(ChatInput).insert("write a long story")
             await pilot.press("enter")
             await until(pilot, lambda: chat.query(Answer)[-1].content, "the first tokens")
             await pilot.press("escape")
