@@ -223,8 +223,10 @@ def sps_profile(target, max_tokens: int, cache: Path, attempts: int = 3, repeats
     for this run only and not cached, so a busy moment does not mis-tune every later run."""
     import transformers
 
-    device = torch.cuda.get_device_name(target.device) if target.device.type == "cuda" else target.device.type
-    if target.device.type == "cpu":
+    device = target.device.type
+    if device == "cuda":
+        device = torch.cuda.get_device_name(target.device)
+    elif device == "cpu":
         device = cpu_identity()  # a home folder shared between machines, or a VM moved to another host
     key = json.dumps([target.name, device, str(target.dtype), torch.__version__, transformers.__version__, max_tokens,
                       getattr(target, "cpu_linear", {}), getattr(target, "attention", None)])
