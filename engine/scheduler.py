@@ -170,10 +170,7 @@ def load_calibration(path: Path) -> list[float]:
 
 
 def measure_sps(target, max_tokens: int, context: int = 64, repeats: int = 5) -> list[float]:
-    """Verify passes per second for B = 1..max_tokens on the loaded target, after a context: each B's
-    fastest pass. Other work on the machine only ever adds time, and on a shared machine it adds it
-    often: SmolLM2's one-token pass ran in 21-25 ms at best and a median of 22-38 ms within one minute
-    here, enough for a median profile to rank a 6-token pass below a 5-token one by chance."""
+    """Verify passes per second for B = 1..max_tokens on the loaded target, after a context."""
     return _sps(pass_times(target, max_tokens, context, repeats))
 
 
@@ -254,6 +251,9 @@ def sps_profile(target, max_tokens: int, cache: Path, attempts: int = 3, repeats
 
 
 def _sps(times: list[list[float]]) -> list[float]:
+    """Each B's fastest pass. Other work on the machine only ever adds time, and on a shared machine it
+    adds it often: SmolLM2's one-token pass ran in 21-25 ms at best and a median of 22-38 ms within one
+    minute here, enough for a median profile to rank a 6-token pass below a 5-token one by chance."""
     return [1.0 / min(t) for t in times]
 
 
