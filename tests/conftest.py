@@ -13,6 +13,7 @@ from dspark_chat.engine.sampling import Proposal
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = DATA / "deepspec_reference"
+SPECULATORS = DATA / "speculators_reference"  # speculators-format drafters for REFERENCE's target
 
 # A user catalog entry for the tiny reference target (tests lay it out in a Hub cache as acme/tiny),
 # and a pair of it with the reference DSpark drafter (acme/tiny-dspark).
