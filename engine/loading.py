@@ -178,11 +178,10 @@ def load_drafter(spec: str, target: Target, int8: bool = True) -> DSparkDrafter:
         with safe_open(file, "pt") as f:
             state |= {name: f.get_tensor(name) for name in f.keys()}
     layout = "speculators" if speculators.is_speculators(raw) else "deepspec"
-    draft_ids = None
     if layout == "speculators":
         check_verifier(spec, speculators.verifier_name(raw), target)
         try:
-            raw, state, draft_ids = speculators.read(raw, state)
+            raw = speculators.read_config(raw)
         except ValueError as e:
             raise LoadError(f"drafter {spec}: {e}") from e
     arch = (raw.get("architectures") or ["(none)"])[0]
@@ -213,8 +212,11 @@ def load_drafter(spec: str, target: Target, int8: bool = True) -> DSparkDrafter:
         if kind not in HEAD_KINDS:
             raise LoadError(f"drafter {spec}: markov_head_type {kind!r} is unknown (known: {', '.join(HEAD_KINDS)})")
     drafter_class = DRAFTER_ARCHITECTURES[arch]
+    draft_ids = None
     try:
         config = drafter_class.config_from(raw)
+        if layout == "speculators":
+            state, draft_ids = speculators.read_weights(state, raw)
     except ValueError as e:
         raise LoadError(f"drafter {spec}: {e}") from e
     embed, head = target.model.get_input_embeddings(), target.model.get_output_embeddings()

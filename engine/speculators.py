@@ -29,6 +29,13 @@ DRAFTER_FIELDS = (
 # Fields of the DeepSpec-style config that only speculators checkpoints give (DeepSpec's layout has no room for them).
 OWN_FIELDS = ("draft_vocab_size", "sample_from_anchor", "sliding_windows", "window_causal", "target_hidden_size")
 FORMAT_VERSION = "0.9.0"  # the speculators release whose layout write() follows
+# The decoder config's fields as speculators 0.9.0 writes them for a qwen3 draft decoder.
+DECODER_KEYS = (
+    "attention_bias", "attention_dropout", "bos_token_id", "eos_token_id", "head_dim", "hidden_act", "hidden_size",
+    "initializer_range", "intermediate_size", "layer_types", "max_position_embeddings", "max_window_layers", "model_type",
+    "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "pad_token_id", "rms_norm_eps", "rope_parameters",
+    "sliding_window", "tie_word_embeddings", "use_cache", "use_sliding_window", "vocab_size",
+)
 
 
 def is_speculators(raw: dict) -> bool:
@@ -39,9 +46,8 @@ def verifier_name(raw: dict) -> str | None:
     return ((raw.get("speculators_config") or {}).get("verifier") or {}).get("name_or_path")
 
 
-def read(raw: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor | None]:
-    """(config in DeepSpec's form, weights under DSparkDrafter's names, the draft vocabulary's target ids or
-    None). ValueError says what does not fit."""
+def read_config(raw: dict) -> dict:
+    """The drafter's config in DeepSpec's form (with OWN_FIELDS). ValueError says what does not fit."""
     kind = raw["speculators_model_type"]
     if kind not in KINDS:
         raise ValueError(f"speculators_model_type {kind!r}: this loader reads {' and '.join(KINDS)} drafters")
@@ -80,7 +86,7 @@ def read(raw: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, tor
     )
     if dspark and raw.get("confidence_head_with_markov", True) and confidence and rank == 0:
         raise ValueError("confidence_head_with_markov needs a Markov head, and markov_rank is 0")
-    return config, *_weights(state, vocab, draft_vocab)
+    return config
 
 
 def _windows(decoder) -> list[int | None] | None:
@@ -96,7 +102,10 @@ def _windows(decoder) -> list[int | None] | None:
     return [window if t == "sliding_attention" else None for t in types]
 
 
-def _weights(state: dict, vocab: int, draft_vocab: int) -> tuple[dict, torch.Tensor | None]:
+def read_weights(state: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """(the weights under DSparkDrafter's names, the draft vocabulary's target ids or None) for a config from
+    read_config. ValueError says what does not fit."""
+    vocab, draft_vocab = config["vocab_size"], config["draft_vocab_size"]
     state = {k: v for k, v in state.items() if not k.startswith(("verifier_lm_head.", "verifier_norm."))}  # training only
     d2t, t2d = state.pop("d2t", None), state.pop("t2d", None)
     if draft_vocab == vocab:
@@ -122,7 +131,7 @@ def write(drafter, config: dict, verifier: str, verifier_architectures: list[str
     confidence = drafter.confidence_head is not None
     kind = "dspark" if rank or confidence else "dflash"
     decoder = Qwen3Config(**{k: v for k, v in config.items() if k not in DRAFTER_FIELDS + OWN_FIELDS}).to_dict()
-    decoder = {k: decoder[k] for k in Qwen3Config().to_dict() if k in decoder and k not in ("architectures", "dtype", "transformers_version")}
+    decoder = {k: decoder[k] for k in DECODER_KEYS if k in decoder}
     windows = config.get("sliding_windows") or [None] * len(drafter.layers)
     sizes = {w for w in windows if w is not None}
     if len(sizes) > 1:
@@ -135,7 +144,7 @@ def write(drafter, config: dict, verifier: str, verifier_architectures: list[str
         "transformer_layer_config": decoder, "draft_vocab_size": config["vocab_size"] if vocab is None else len(vocab),
         "block_size": drafter.slots, "target_hidden_size": None,
         "aux_hidden_state_layer_ids": [i + 1 for i in drafter.feature_layers], "mask_token_id": drafter.mask_token_id,
-        "sample_from_anchor": drafter.first_slot == 0, "sliding_window_non_causal": not config.get("window_causal", False),
+        "sample_from_anchor": drafter.first_slot == 0, "sliding_window_non_causal": not config.get("window_causal", True),
         "speculators_config": {
             "algorithm": kind, "default_proposal_method": "greedy",
             "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": drafter.block_size,
@@ -158,5 +167,7 @@ def write(drafter, config: dict, verifier: str, verifier_architectures: list[str
         tensors["t2d"] = torch.zeros(config["vocab_size"], dtype=torch.bool).index_fill_(0, vocab.cpu(), True)
     elif drafter.lm_head is not target_head:
         tensors["lm_head.weight"] = drafter.lm_head.weight
-    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in tensors.items()}
+    # The LM head's rows are the target's, kept in its dtype: rounded to another they would not be its rows.
+    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() and k != "lm_head.weight" else v.dtype).contiguous()
+               for k, v in tensors.items()}
     return out, tensors
