@@ -159,8 +159,7 @@ def write(drafter, config: dict, verifier: str, verifier_architectures: list[str
     tensors = {name: p for name, p in drafter.state_dict().items()
                if not name.startswith(("embed_tokens.", "lm_head.", "draft_head."))}
     if vocab is not None:
-        head = drafter.draft_head.weight
-        tensors["lm_head.weight"] = head
+        tensors["lm_head.weight"] = drafter.draft_head.weight
         if drafter.markov_head is not None and not drafter.markov_head.pruned:
             tensors["markov_head.markov_w2.weight"] = tensors["markov_head.markov_w2.weight"][vocab]
         tensors["d2t"] = vocab.cpu() - torch.arange(len(vocab))

@@ -21,12 +21,14 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 HERE = Path(__file__).resolve().parent
-TARGET = HERE.parent / "deepspec_reference" / "target"
-VERIFIER = "acme/tiny"  # the name the drafters give their verifier; resolved offline from a Hub cache made here
+# The verifiers, by the names the drafters give them: resolved offline from a Hub cache made here.
+TARGETS = {"acme/tiny": HERE.parent / "deepspec_reference" / "target",
+           "acme/tiny-gemma4": HERE.parent / "deepspec_reference_gemma4" / "target"}
 PROMPTS = json.loads((HERE.parent / "deepspec_reference" / "expected.json").read_text())["prompts"]
 MAX_NEW_TOKENS = 40
 FORCED_SCHEDULE = [3, 7, 0, 5, 1, 6, 2, 4]
@@ -61,36 +63,50 @@ VARIANTS = {
     # DFlash drafting from the anchor, both layers sliding-window with the block attending both ways
     "dflash_anchor_window": dict(kind="dflash", sample_from_anchor=True, block_size=6, draft_vocab=None, layer_ids=[1, 2],
                                  sliding_window=5, full_attention_indices=[], sliding_window_non_causal=True),
+    # For a Gemma 4 verifier, as speculators trains by default: every draft layer sliding-window, causal inside
+    # the block; its Qwen3-style layers read the verifier's embedding table unscaled
+    "dspark_gemma4_target": dict(kind="dspark", sample_from_anchor=True, block_size=7, markov_head_type="vanilla",
+                                 enable_confidence_head=True, confidence_head_with_markov=True, draft_vocab=256,
+                                 layer_ids=[1, 3], sliding_window=4, full_attention_indices=[], verifier="acme/tiny-gemma4",
+                                 seed=4),
 }
 
 
 def hub_cache(root: Path) -> None:
-    """The tiny target laid out as the Hub cache's acme/tiny, so speculators resolves the verifier name offline."""
-    snapshot = root / "hub" / "models--acme--tiny" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    for file in TARGET.iterdir():
-        shutil.copy(file, snapshot / file.name)
-    (root / "hub" / "models--acme--tiny" / "refs").mkdir()
-    (root / "hub" / "models--acme--tiny" / "refs" / "main").write_text("0" * 40)
+    """The tiny targets laid out as Hub cache entries, so speculators resolves the verifier names offline."""
+    for name, folder in TARGETS.items():
+        repo = root / "hub" / ("models--" + name.replace("/", "--"))
+        (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        for file in folder.iterdir():
+            shutil.copy(file, repo / "snapshots" / ("0" * 40) / file.name)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0" * 40)
 
 
 def decoder_config(target_config, spec: dict):
-    """The draft decoder config as speculators' scripts/train.py (create_transformer_layer_config) builds it
-    for a Qwen3 verifier with --draft-arch qwen3 and --num-layers 2."""
+    """The draft decoder config as speculators' scripts/train.py (create_transformer_layer_config) builds it from
+    the verifier's text config with --draft-arch qwen3 and --num-layers 2: the verifier's widths and activation,
+    and a per-layer-type RoPE collapsed to the sliding layers' (without partial rotation)."""
     from transformers import Qwen3Config
 
+    # The text config's global values, as the dict holds them: transformers 5.19 refuses to read Gemma 4's
+    # per-layer-variable fields (num_key_value_heads, head_dim) as attributes.
+    text = SimpleNamespace(**target_config.get_text_config().to_dict())
     layers = 2
     full = spec.get("full_attention_indices", list(range(layers)))
     layer_types = ["full_attention" if i in full else "sliding_attention" for i in range(layers)]
+    rope = dict(text.rope_parameters)
+    if "rope_theta" not in rope:
+        rope = dict(rope.get("sliding_attention") or rope.get("full_attention"))
+        rope.setdefault("rope_type", "default")
+    rope.pop("partial_rotary_factor", None)
     return Qwen3Config(
-        vocab_size=target_config.vocab_size, hidden_size=target_config.hidden_size,
-        intermediate_size=target_config.intermediate_size, num_hidden_layers=layers,
-        num_attention_heads=target_config.num_attention_heads, num_key_value_heads=target_config.num_key_value_heads,
-        hidden_act=target_config.hidden_act, max_position_embeddings=target_config.max_position_embeddings,
-        initializer_range=target_config.initializer_range, rms_norm_eps=target_config.rms_norm_eps,
-        head_dim=target_config.head_dim, tie_word_embeddings=False, sliding_window=spec.get("sliding_window", 2048),
-        use_sliding_window="sliding_attention" in layer_types, layer_types=layer_types,
-        rope_parameters=dict(target_config.rope_parameters),
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        num_hidden_layers=layers, num_attention_heads=text.num_attention_heads, num_key_value_heads=text.num_key_value_heads,
+        hidden_act=getattr(text, "hidden_act", None) or text.hidden_activation, max_position_embeddings=text.max_position_embeddings,
+        initializer_range=text.initializer_range, rms_norm_eps=text.rms_norm_eps, head_dim=text.head_dim,
+        tie_word_embeddings=False, sliding_window=spec.get("sliding_window", 2048),
+        use_sliding_window="sliding_attention" in layer_types, layer_types=layer_types, rope_parameters=rope,
     )
 
 
@@ -99,14 +115,15 @@ def build(name: str, spec: dict, target_config, out: Path) -> None:
     from speculators.models.dspark import DSparkDraftModel
 
     torch.manual_seed(spec.get("seed", 1))
-    vocab = target_config.vocab_size
+    vocab = target_config.get_text_config().vocab_size
     t2d = d2t = None
     if spec["draft_vocab"]:
         kept = torch.randperm(vocab, generator=torch.Generator().manual_seed(5))[: spec["draft_vocab"]].sort().values
         t2d = torch.zeros(vocab, dtype=torch.bool)
         t2d[kept] = True
         d2t = kept - torch.arange(len(kept))
-    args = dict(draft_vocab_size=spec["draft_vocab"] or vocab, block_size=spec["block_size"], verifier_name_or_path=VERIFIER,
+    args = dict(draft_vocab_size=spec["draft_vocab"] or vocab, block_size=spec["block_size"],
+                verifier_name_or_path=spec.get("verifier", "acme/tiny"),
                 target_layer_ids=spec["layer_ids"], mask_token_id=3, sample_from_anchor=spec["sample_from_anchor"],
                 sliding_window_non_causal=spec.get("sliding_window_non_causal", False), draft_attn_impl="sdpa")
     config = decoder_config(target_config, spec)
@@ -234,25 +251,28 @@ def main() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     from transformers import AutoModelForCausalLM
 
-    target = AutoModelForCausalLM.from_pretrained(VERIFIER, dtype=torch.float32, attn_implementation="sdpa").eval()
-    baseline = []
-    with torch.no_grad():
-        for prompt in PROMPTS:
-            ids = list(prompt)
-            for _ in range(MAX_NEW_TOKENS + 8):
-                ids.append(int(target(torch.tensor([ids])).logits[0, -1].argmax()))
-            baseline.append(ids[len(prompt) :])
+    targets, baselines = {}, {}
+    for name in TARGETS:
+        target = targets[name] = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation="sdpa").eval()
+        baselines[name] = []
+        with torch.no_grad():
+            for prompt in PROMPTS:
+                ids = list(prompt)
+                for _ in range(MAX_NEW_TOKENS + 8):
+                    ids.append(int(target(torch.tensor([ids])).logits[0, -1].argmax()))
+                baselines[name].append(ids[len(prompt) :])
     expected = {
         "speculators_version": metadata.version("speculators"), "torch_version": torch.__version__,
-        "transformers_version": metadata.version("transformers"), "dtype": "float32", "attn_implementation": "sdpa",
-        "verifier": VERIFIER, "max_new_tokens": MAX_NEW_TOKENS, "prompts": PROMPTS, "forced_run_schedule": FORCED_SCHEDULE,
-        "baseline_output_ids": baseline, "variants": {},
+        "transformers_version": metadata.version("transformers"), "dtype": "float32",
+        "max_new_tokens": MAX_NEW_TOKENS, "prompts": PROMPTS, "forced_run_schedule": FORCED_SCHEDULE, "variants": {},
     }
     names = sys.argv[1:] or list(VARIANTS)
     if sys.argv[1:]:
         expected["variants"] = json.loads((HERE / "expected.json").read_text())["variants"]
     for name in names:
         spec = VARIANTS[name]
+        verifier = spec.get("verifier", "acme/tiny")
+        target, baseline = targets[verifier], baselines[verifier]
         folder = HERE / name
         shutil.rmtree(folder, ignore_errors=True)
         build(name, spec, target.config, folder)
@@ -262,7 +282,9 @@ def main() -> None:
         for r, b in zip(runs + forced, baseline + baseline):
             assert r["output_ids"] == b[:MAX_NEW_TOKENS], f"{name}: speculative output differs from plain greedy"
         margin = min(rd["min_margin"] for r in runs + forced for rd in r["rounds"])
-        expected["variants"][name] = {"spec": spec, "min_draft_margin": margin, "runs": runs, "forced_runs": forced}
+        expected["variants"][name] = {"spec": spec, "verifier": verifier, "attn_implementation": proposer.model._attn_impl,
+                                      "baseline_output_ids": baseline,
+                                      "min_draft_margin": margin, "runs": runs, "forced_runs": forced}
         print(f"{name}: smallest top-1/top-2 draft logit margin {margin:.2e}", file=sys.stderr)
     (HERE / "expected.json").write_text(json.dumps(expected, indent=None, separators=(",", ":")))
     shutil.rmtree(scratch)
