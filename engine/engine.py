@@ -41,7 +41,7 @@ class Engine:
         """A drafter with prompt lookup copies where the context repeats itself and drafts with the model
         elsewhere (LookupOrDraft). With neither asked for, a target with a shipped drafter gets it with
         prompt lookup, the fastest way on code and maths and close to prompt lookup alone on chat
-        (README, "The shipped drafter"; `default_drafter=False` loads no drafter: plain decoding). On an x86
+        (README, "Benchmark"; `default_drafter=False` loads no drafter: plain decoding). On an x86
         CPU the drafter runs in int8 unless `float_drafter` (load_drafter). `measuring` is called if the
         target's CPU products get measured (a first start; load_target)."""
         if not drafter and not prompt_lookup and default_drafter:
