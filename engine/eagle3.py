@@ -304,16 +304,15 @@ class Eagle3Drafter(nn.Module):
             self._head = self._fold(ids[self._cached + 1 : start + 1])
         if self._head is None:
             raise RuntimeError("the drafter holds no context: observe the target's hidden states first")
-        hidden, tokens, probs = self._head, [], []
+        hidden, tokens, probs = self._head[None], [], []  # rows [1, d]: int8 products take matrices only
         for k in range(n):
-            logits = self._logits(hidden)
-            token, p = sampling.pick(logits[None], generator)
+            token, p = sampling.pick(self._logits(hidden), generator)
             token = token if self.draft_vocab is None else self.draft_vocab[token]
             tokens.append(token[0])
             if p is not None:
                 probs.append(p[0])
             if k + 1 < n:
-                hidden = self._step(token, hidden[None], start + k)[-1]
+                hidden = self._step(token, hidden, start + k)
         for cache in self._caches:  # the chain's entries: the target's states replace them next round
             cache.length = self._cached
         tokens = torch.stack(tokens).to(ids.device)

@@ -233,12 +233,12 @@ def make_tiny_eagle3(folder: Path, target_dir: Path, speculators: bool = False, 
     if speculators:
         layer = {k: v for k, v in target.items() if k not in ("architectures", "dtype", "transformers_version")}
         config = {"speculators_model_type": "eagle3", "architectures": ["Eagle3DraftModel"],
-                  "transformer_layer_config": layer | {"num_hidden_layers": 1}, "draft_vocab_size": len(vocab),
+                  "transformer_layer_config": layer | {"num_hidden_layers": 1, "layer_types": ["full_attention"]}, "draft_vocab_size": len(vocab),
                   "eagle_aux_hidden_state_layer_ids": [1, 2], "norm_before_residual": True,
                   "speculators_config": {"proposal_methods": [{"speculative_tokens": chain}]}}
     else:
-        config = target | {"architectures": ["Qwen3Eagle3Model"], "num_hidden_layers": 1, "target_layer_ids": [0, 1],
-                           "ttt_length": chain}
+        config = target | {"architectures": ["Qwen3Eagle3Model"], "num_hidden_layers": 1, "layer_types": ["full_attention"],
+                           "target_layer_ids": [0, 1], "ttt_length": chain}
     drafter = Eagle3Drafter(layout_from(config, target["num_hidden_layers"]))
     torch.manual_seed(seed)
     state = {name: torch.ones_like(p) if "norm" in name else torch.randn_like(p) * std
