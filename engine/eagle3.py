@@ -93,7 +93,8 @@ def _speculators_layout(raw: dict, target_layers: int) -> Eagle3Layout:
         raise ValueError("config.json lacks 'transformer_layer_config', which a speculators Eagle3 drafter needs")
     style = layer_raw.get("model_type", "llama")  # speculators' own default layer config was Llama's
     if style not in SPECULATORS_LAYER_TYPES:
-        raise ValueError(f"its layers are {style!r}; Eagle3 drafters with {' or '.join(SPECULATORS_LAYER_TYPES)} layers are supported")
+        raise ValueError(f"its layers are {style!r}; Eagle3 drafters with {' or '.join(SPECULATORS_LAYER_TYPES)} layers are "
+                         "supported, this one cannot run here")
     layer = AutoConfig.for_model(style, **{k: v for k, v in layer_raw.items() if k != "model_type"})
     if "sliding_attention" in (getattr(layer, "layer_types", None) or []):
         raise ValueError("it has sliding-window layers, which this engine's Eagle3 drafter does not run")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import platformdirs
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -197,7 +198,7 @@ def _load_eagle3(spec: str, folder: Path, raw: dict, target: Target, int8: bool)
     made_as = "a speculators Eagle3 drafter" if speculators else f"a {raw['architectures'][0]}"
     try:
         layout = layout_from(raw, target.num_layers)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, StrictDataclassError) as e:  # the last: transformers' config validation
         raise LoadError(f"drafter {spec} ({made_as}): {e}") from e
     target_type = target.model.config.get_text_config().model_type
     if (layout.style == "gemma4") != (target_type in GEMMA4_TARGETS):
@@ -205,10 +206,12 @@ def _load_eagle3(spec: str, folder: Path, raw: dict, target: Target, int8: bool)
         raise LoadError(f"drafter {spec} is {made_as}, made for {made_for}; target {target.name} is a {target_type} model: not a pair")
     if layout.vocab_size != target.vocab_size:
         raise LoadError(f"drafter {spec} has vocabulary size {layout.vocab_size}, target {target.name} has "
-                        f"{target.vocab_size}: not a pair (an Eagle3 drafter reads the target's own tokens)")
+                        f"{target.vocab_size}: not a pair; an Eagle3 drafter reads the target's own tokens, so use "
+                        "one trained for this target")
     for name, size in (("hidden size", layout.hidden_size), ("target_hidden_size", raw.get("target_hidden_size"))):
         if size is not None and size != target.hidden_size:
-            raise LoadError(f"drafter {spec} has {name} {size}, target {target.name} has hidden size {target.hidden_size}: not a pair")
+            raise LoadError(f"drafter {spec} has {name} {size}, target {target.name} has hidden size {target.hidden_size}: "
+                            "not a pair; use a drafter trained for this target")
     # The same check as for DSpark, in the numbering of the drafter's own config.
     field, shift = ("eagle_aux_hidden_state_layer_ids", 1) if speculators else ("target_layer_ids", 0)
     last = target.num_layers - 1
@@ -223,11 +226,12 @@ def _load_eagle3(spec: str, folder: Path, raw: dict, target: Target, int8: bool)
     if layout.draft_vocab_size != layout.vocab_size:
         if d2t is None or len(d2t) != layout.draft_vocab_size:
             raise LoadError(f"drafter {spec}: draft_vocab_size is {layout.draft_vocab_size}, but the checkpoint has "
-                            f"{'no d2t' if d2t is None else f'a d2t of {len(d2t)} entries'}: the drafter's file is incomplete")
+                            f"{'no d2t' if d2t is None else f'a d2t of {len(d2t)} entries'}: the checkpoint is incomplete "
+                            "or damaged, download it again")
         try:
             draft_vocab = draft_vocab_from(d2t, t2d, target.vocab_size)
         except ValueError as e:
-            raise LoadError(f"drafter {spec}: {e}; the drafter's file is damaged") from e
+            raise LoadError(f"drafter {spec}: {e}; the checkpoint is damaged, download it again") from e
     drafter = _assemble(spec, state, target, lambda embed, head: Eagle3Drafter(layout, embed, head), layout.layer,
                         share_head=draft_vocab is None)
     if draft_vocab is not None:

@@ -134,6 +134,7 @@ def edited(tmp_path, family, variant, **changes):
     ("qwen3", "eagle3", {"hidden_size": 32}, "hidden size 32, target .* has hidden size 64"),
     ("qwen3", "eagle3", {"target_layer_ids": [0, 1, 2, 3, 5]}, "target_layer_ids has 5, which names the target's last layer"),
     ("qwen3", "eagle3", {"target_layer_ids": [0, 1, 2, 3, 9]}, r"has 9, which is out of range; valid ids are -1\.\.4"),
+    ("qwen3", "eagle3", {"num_hidden_layers": 2}, r"(?s)\(a Qwen3Eagle3Model\): .*`num_hidden_layers` \(2\) must be equal to the number of `layer_types` \(1\)"),
     ("speculators", "speculators_llama", {"eagle_aux_hidden_state_layer_ids": [1, 3, 6]},
      r"eagle_aux_hidden_state_layer_ids has 6, which names the target's last layer.*valid ids are 0\.\.5"),
     ("speculators", "speculators_llama", {"target_hidden_size": 128}, "target_hidden_size 128, target .* has hidden size 64"),
