@@ -18,6 +18,7 @@ from .cpu_linear import cpuinfo
 from .decode import Drafter
 from .divergence import explain_divergence
 from .dspark import DSparkDrafter
+from .eagle3 import Eagle3Drafter
 from .engine import Engine, folder_calibration
 from .loading import EMBEDDED, cache_dir, embedded_gguf, load_drafter, load_target, model_dir
 from .prompt_lookup import LookupOrDraft, PromptLookupDrafter
@@ -77,12 +78,12 @@ def read_prompts(path: Path, limit: int | None) -> list[list[str]]:
 
 
 def build_modes(engine: Engine, names: list[str], prompt_lookup_tokens: int, assistant: Target | None = None,
-                drafters: dict[str, tuple[DSparkDrafter, list[float] | None]] | None = None) -> list[Mode]:
-    """`drafters` maps a label to a DSpark drafter and its calibration; by default the engine's drafter,
-    unlabelled. With several, a drafter mode runs once per drafter, named MODE@LABEL (MODE@LABEL itself
+                drafters: dict[str, tuple[DSparkDrafter | Eagle3Drafter, list[float] | None]] | None = None) -> list[Mode]:
+    """`drafters` maps a label to a model drafter (DSpark, DFlash or Eagle3) and its calibration; by default
+    the engine's drafter, unlabelled. With several, a drafter mode runs once per drafter, named MODE@LABEL (MODE@LABEL itself
     names one of them), each drafter verified with its own calibration."""
     if drafters is None:
-        drafters = {"": (engine.drafter, engine.scheduler.temperatures)} if isinstance(engine.drafter, DSparkDrafter) else {}
+        drafters = {"": (engine.drafter, engine.scheduler.temperatures)} if isinstance(engine.drafter, (DSparkDrafter, Eagle3Drafter)) else {}
     modes = []
     for name in names:
         if name == BASELINE:

@@ -48,7 +48,8 @@ def _add_model_flags(sub) -> None:
     model = sub.add_mutually_exclusive_group()
     model.add_argument("--target", default="smollm2", help="model folder, Hub id, .gguf file, or smollm2 (embedded, the default)")
     model.add_argument("--model", help="a pair from the catalog: target and drafter, placed as `dspark-chat models NAME` plans")
-    sub.add_argument("--drafter", help="DSpark/DFlash drafter folder or Hub id (DeepSpec layout)")
+    sub.add_argument("--drafter", help="DSpark/DFlash drafter folder or Hub id (DeepSpec layout), or an Eagle3 drafter "
+                                       "(DeepSpec's or speculators' layout)")
     sub.add_argument("--prompt-lookup", action="store_true",
                      help="draft by copying from the context (no model); with --drafter: copy where the context "
                           "repeats itself, draft with the model elsewhere")
@@ -138,7 +139,7 @@ def _add_bench_command(commands) -> None:
     bench = commands.add_parser("bench", help="decoding modes side by side on a prompt file: tok/s, tau, identity")
     bench.add_argument("--target", default="smollm2", help="model folder, Hub id, .gguf file, or smollm2 (the default)")
     bench.add_argument("--drafter", nargs="+", metavar="DRAFTER",
-                       help="DSpark/DFlash drafter (adds the `drafter` mode); several are compared in one run: each drafter "
+                       help="DSpark/DFlash/Eagle3 drafter (adds the `drafter` mode); several are compared in one run: each drafter "
                             "mode runs once per drafter, named MODE@FOLDER, each with its own calibration.json")
     bench.add_argument("--assistant", help="a small draft model for transformers' assisted generation (adds the `hf-assisted` mode): "
                        "folder, Hub id, .gguf file or smollm2, with the target's tokenizer")

@@ -9,6 +9,7 @@ from typing import Iterator
 from .catalog import shipped_drafter
 from .decode import Drafter, Step, decode
 from .dspark import DSparkDrafter
+from .eagle3 import Eagle3Drafter
 from .loading import LoadError, cache_dir, load_drafter, load_target, model_dir
 from .prompt_lookup import LookupOrDraft, PromptLookupDrafter
 from .sampling import Sampling
@@ -104,10 +105,10 @@ class Engine:
 
     def describe(self) -> str:
         kind = "no drafter"
-        if isinstance(self.drafter, DSparkDrafter):
-            kind = f"drafter {_block(self.drafter)}, scheduler {self.scheduler.mode}"
+        if isinstance(self.drafter, (DSparkDrafter, Eagle3Drafter)):
+            kind = f"{_block(self.drafter)}, scheduler {self.scheduler.mode}"
         elif isinstance(self.drafter, LookupOrDraft):
-            kind = f"prompt lookup, else drafter {_block(self.drafter.drafter)}, scheduler {self.scheduler.mode}"
+            kind = f"prompt lookup, else {_block(self.drafter.drafter)}, scheduler {self.scheduler.mode}"
         elif isinstance(self.drafter, PromptLookupDrafter):
             kind = "prompt lookup"
         return f"{self.target.name} ({self.target.dtype}, {self.target.device}), {kind}"
@@ -119,5 +120,6 @@ def folder_calibration(folder: Path) -> list[float] | None:
     return load_calibration(path) if path.is_file() else None
 
 
-def _block(drafter: DSparkDrafter) -> str:
-    return f"block {drafter.block_size}" + (" in int8" if drafter.int8 else "")
+def _block(drafter: DSparkDrafter | Eagle3Drafter) -> str:
+    chain = isinstance(drafter, Eagle3Drafter)
+    return ("Eagle3 drafter, chain" if chain else "drafter block") + f" {drafter.block_size}" + (" in int8" if drafter.int8 else "")

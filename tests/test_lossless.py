@@ -19,7 +19,7 @@ from dspark_chat.engine.scheduler import Scheduler, measure_sps
 from dspark_chat.kernels.acceptance import accept_sampled
 from dspark_chat.kernels.sampling import sample, to_probs
 
-from .conftest import REFERENCE, Forcing, drafter_copy, make_tiny_pair
+from .conftest import EAGLE3, REFERENCE, Forcing, drafter_copy, make_tiny_eagle3, make_tiny_pair
 
 
 def prompts(reference) -> list[list[int]]:
@@ -345,3 +345,77 @@ def test_to_probs_applies_top_k_and_top_p():
     kept = to_probs(logits, 1.0, top_p=0.8)
     # The smallest set whose mass reaches 0.8 is the first two tokens (0.64 + 0.24).
     assert (kept[2:] == 0).all() and torch.allclose(kept[:2], full[:2] / full[:2].sum())
+
+
+# --- Eagle3 (a chain drafter with its own cache) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def eagle3_profile(eagle3_target):
+    return measure_sps(eagle3_target, 8, repeats=2)
+
+
+@pytest.fixture(scope="module")
+def eagle3_prompts(reference):
+    """Three of prompts(): a short and a long one, and one that repeats itself (for prompt lookup)."""
+    return [p for i, p in enumerate(prompts(reference)) if i in (0, 3, 5)]
+
+
+@pytest.fixture(scope="module")
+def eagle3_baselines(eagle3_target, eagle3_prompts):
+    return [generated(eagle3_target, None, prompt) for prompt in eagle3_prompts]
+
+
+@pytest.mark.parametrize("family,variant,auto", [("qwen3", "eagle3", True), ("speculators", "speculators_llama", False),
+                                                 ("speculators", "speculators_qwen3", False)])
+def test_greedy_identity_with_an_eagle3_drafter(family, variant, auto, eagle3_target, eagle3_prompts, eagle3_baselines,
+                                                eagle3_profile):
+    """In int8 as the engine runs it beside a float32 target on a CPU. Forced rounds accept 0..7 drafts
+    and exercise every rollback of its cache; a pruned vocabulary (speculators_llama) drafts among its ids.
+    One variant also under auto, Eagle3's default scheduler (learned acceptance: it has no confidence head)."""
+    drafter = load_drafter(str(EAGLE3 / family / variant), eagle3_target)
+    assert drafter.int8
+    for mode in ("off", "auto") if auto else ("off",):
+        scheduler = Scheduler(mode=mode, sps=eagle3_profile)
+        for prompt, baseline in zip(eagle3_prompts, eagle3_baselines):
+            if mode == "auto":
+                assert generated(eagle3_target, drafter, prompt, scheduler) == baseline
+            forcing = Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 7, 0, 5, 1, 6, 2, 4])
+            assert generated(eagle3_target, forcing, prompt, scheduler) == baseline
+            if drafter.draft_vocab is not None:
+                assert {t for block in forcing.own for t in block} <= set(drafter.draft_vocab.tolist())
+
+
+def test_greedy_identity_when_prompt_lookup_and_an_eagle3_drafter_take_turns(eagle3_target, eagle3_prompts,
+                                                                            eagle3_baselines):
+    """Lookup rounds leave the drafter several rounds of hidden states to fold in at once."""
+    drafter = load_drafter(str(EAGLE3 / "qwen3" / "eagle3"), eagle3_target)
+    used = []
+    for prompt, baseline in zip(eagle3_prompts, eagle3_baselines):
+        forced = LookupOrDraft(Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 0, 2]), PromptLookupDrafter())
+        sources = recording_sources(forced)
+        assert generated(eagle3_target, forced, prompt) == baseline
+        used += sources
+    assert used.count("lookup") >= 3 and used.count("drafter") >= 3
+
+
+@pytest.mark.parametrize("speculators,sampling", [(False, Sampling(1.0)), (True, Sampling(0.7, top_k=3))],
+                         ids=["deepspec-t1", "speculators-pruned-t0.7-topk3"])
+def test_eagle3_sampling_matches_target_distribution(speculators, sampling, tmp_path, tokenizer, monkeypatch):
+    """Each chain draft is drawn from a distribution that depends on the drafts before it; the pruned
+    vocabulary never drafts token 1, whose share must come back through rejected rounds."""
+    target_dir, _ = make_tiny_pair(tmp_path, tokenizer, vocab_size=4, block_size=4, markov_rank=4, std=0.8)
+    drafter_dir = make_tiny_eagle3(tmp_path / "eagle3", target_dir, speculators, [0, 2, 3] if speculators else None)
+    target = load_target(str(target_dir), "float32", "cpu")
+    target.stop_ids = ()  # with four tokens, the end-of-text id 2 would cut sequences short
+    drafter = load_drafter(str(drafter_dir), target)
+    prefix, length, runs = [1, 3, 0], 3, 1000
+    exact = exact_distribution(target, prefix, length, sampling)
+    counts = sampled_counts(target, drafter, prefix, length, sampling, runs)
+    assert chi_square_pvalue(counts, exact, runs) > 1e-3
+    if speculators:
+        with_one = sum(p for seq, p in exact.items() if 1 in seq) * runs
+        assert with_one > 100 and sum(n for seq, n in counts.items() if 1 in seq) > with_one / 2
+        return
+    monkeypatch.setattr(decode_module, "accept_sampled", broken_rule)
+    counts = sampled_counts(target, drafter, prefix, length, sampling, runs)
+    assert chi_square_pvalue(counts, exact, runs) < 1e-4
