@@ -15,7 +15,7 @@ from pathlib import Path
 
 import platformdirs
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -261,21 +261,39 @@ class StartScreen(Screen):
 
 
 class ChatInput(TextArea):
-    """Enter sends; ctrl+j adds a line (terminals send the same key for enter and shift+enter)."""
+    """Enter sends; ctrl+j adds a line (terminals send the same key for enter and shift+enter).
 
-    BINDINGS = [Binding("enter", "submit", "Send", priority=True), Binding("ctrl+j", "newline", "New line")]
+    Both keys are handled here, in the order keys reach the input, not by bindings: the App runs a priority
+    binding as the key arrives, before the characters queued ahead of it have reached the input, and a plain
+    one after the key has passed the input, when keys typed after it may be in. So a prompt typed or pasted
+    and sent in one burst arrives whole. The input empties as it sends: keys after Enter start the next prompt."""
+
+    BINDINGS = [Binding("enter", "submit", "Send"), Binding("ctrl+j", "newline", "New line")]  # for the footer
 
     class Submitted(Message):
         def __init__(self, text: str):
             super().__init__()
             self.text = text
 
+    async def _on_key(self, event: events.Key) -> None:
+        action = {"enter": self.action_submit, "ctrl+j": self.action_newline}.get(event.key)
+        if action is not None:
+            event.stop()
+            event.prevent_default()  # TextArea's own handler would insert a line for enter
+            action()
+
     def action_submit(self) -> None:
-        if self.text.strip():
-            self.post_message(self.Submitted(self.text.strip()))
+        text = self.text.strip()
+        if text:
+            self.clear()
+            self.post_message(self.Submitted(text))
 
     def action_newline(self) -> None:
         self.insert("\n")
+
+    def give_back(self, text: str) -> None:
+        """A prompt that could not be sent goes back in front of whatever was typed since."""
+        self.insert(text + ("\n" if self.text else ""), (0, 0))
 
 
 class Answer(Vertical):
@@ -394,13 +412,13 @@ class ChatScreen(Screen):
 
     @on(ChatInput.Submitted)
     async def send(self, message: ChatInput.Submitted) -> None:
-        if self.generating:
-            self.notify("Still answering: press escape to stop it first.", severity="warning")
+        if self.generating or self.app.engine_down:
+            self.query_one(ChatInput).give_back(message.text)
+            if self.generating:
+                self.notify("Still answering: press escape to stop it first.", severity="warning")
+            else:
+                self.notify("The engine is not running: press F5 to restart it.", severity="error")
             return
-        if self.app.engine_down:
-            self.notify("The engine is not running: press F5 to restart it.", severity="error")
-            return
-        self.query_one(ChatInput).clear()
         self.conversation.messages.append({"role": "user", "content": message.text})
         self.save()  # the question survives a crash while it is being answered
         scroll = self.query_one("#messages", VerticalScroll)
