@@ -192,13 +192,14 @@ class StartScreen(Screen):
         with Vertical(id="start"):
             yield Static(f"Starting {self.pair}" if self.pair else f"Connecting to {self.url}", id="title")
             yield Static("starting the engine process…", id="state")
+            yield Static("", id="phases")
             yield ProgressBar(total=None, show_eta=False, id="download")
             yield Static("", id="bytes")
             yield Static("", id="error")
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#download").display = False
+        self.query_one("#download").display = self.query_one("#phases").display = False
         self.start()
 
     @work(exclusive=True)
@@ -228,9 +229,13 @@ class StartScreen(Screen):
 
     def show_state(self, health: dict) -> None:
         status, message, progress = health["status"], health.get("message"), health.get("progress")
-        words = {"downloading": "downloading", "loading": "loading the model", "profiling": "measuring verify speed",
-                 "ready": "ready"}.get(status, status)
+        words = {"downloading": "downloading", "loading": "loading the model", "ready": "ready"}.get(status, status)
         self.query_one("#state", Static).update(Text(f"{words}" + (f": {message}" if message else "")))
+        # Our engine's start-up so far, each part with its time (the running one last, still counting).
+        phases = health.get("phases") or []
+        widget = self.query_one("#phases", Static)
+        widget.display = bool(phases)
+        widget.update(Text("\n".join(f"{p['seconds']:6.1f} s  {p['name']}" + ("" if p["done"] else " …") for p in phases)))
         bar = self.query_one("#download", ProgressBar)
         bar.display = bool(progress)
         if not progress:

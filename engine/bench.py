@@ -510,7 +510,11 @@ def format_profile(target: Target, sps: list[float]) -> str:
 def profile(args) -> int:
     target = load_target(args.target, args.dtype, args.device)
     # Through the same cache the auto scheduler uses: this is the profile it decides with.
-    print(format_profile(target, sps_profile(target, args.block + 1, cache_dir())))
+    profile = sps_profile(target, args.block + 1, cache_dir())
+    print(format_profile(target, profile.sps))
+    if profile.noisy:
+        print("Noisy: no measurement settled while other work slowed the passes; each B's fastest rate so far "
+              "(servers measure a noisy profile again between requests).")
     return 0
 
 
@@ -554,7 +558,7 @@ def main(args) -> int:
     needed = max((m.drafter.block_size + 1 for m in modes if m.drafter is not None), default=0)
     if len(engine.scheduler.sps or []) < needed:
         # The auto scheduler weighs each drafter's drafts against the verify cost of every length it drafts.
-        engine.scheduler.sps = sps_profile(engine.target, needed, cache_dir())
+        engine.scheduler.sps = sps_profile(engine.target, needed, cache_dir()).sps
     sampling = Sampling(args.temperature, seed=args.seed)
     progress = Progress(len(prompts), sum(len(t) for t in prompts) * len(modes) * args.repeats)
     result = bench(engine, prompts, modes, sampling, args.max_new_tokens, progress=progress, repeats=args.repeats)

@@ -125,6 +125,10 @@ def test_listening_line_health_and_models(server):
     assert set(server.states) <= {"loading", "ready"}
     health = server.http.get("/health").json()
     assert health["context_length"] == 1024 and "drafter block 7 in int8" in health["engine"]
+    # Start-up, part by part with its time, all done; no auto scheduler here, so no verify profile.
+    assert [p["name"] for p in health["phases"]] == [
+        "starting: Python, torch, transformers and the server", "loading the target", "loading the drafter (int8 on an x86 CPU)"]
+    assert all(p["done"] and p["seconds"] >= 0 for p in health["phases"]) and health["verify_profile"] is None
     models = server.openai().models.list()
     assert [m.id for m in models.data] == [server.name]
 
@@ -352,6 +356,53 @@ def test_internal_error_answers_500_with_an_id_and_the_server_goes_on(tiny_targe
         r = client.post("/v1/chat/completions", json=body | {"speculative": False})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
         assert 'dspark:requests_failed_total 1' in client.get("/metrics").text
+
+
+def test_the_worker_measures_the_verify_profile_between_requests(tiny_target_dir, monkeypatch, tmp_path):
+    """A start waits for no SPS profile: with none cached every draft is verified, and the worker measures one
+    while idle. A request that arrives meanwhile stops the measurement and is answered at once; the worker
+    measures again once it is idle, and caches the result."""
+    from fastapi.testclient import TestClient
+
+    import dspark_chat.engine.scheduler as scheduler_module
+    from dspark_chat.engine.engine import Engine
+    from dspark_chat.engine.scheduler import Interrupted
+    from dspark_chat.engine.server import Service, create_app
+
+    monkeypatch.setattr("dspark_chat.engine.engine.cache_dir", lambda: tmp_path)
+    engine = Engine.load(str(tiny_target_dir), prompt_lookup=True, dtype="float32", device="cpu", wait_for_profile=False)
+    assert engine.profile is None and engine.profile_wanted
+    # Passes of at least 20 ms, so that the request surely lands inside the measurement (seconds).
+    monkeypatch.setattr(scheduler_module, "clock", lambda: (time.sleep(0.01), time.perf_counter())[1])
+    started, outcomes, real = threading.Event(), [], engine.measure_profile
+
+    def measure(interrupted):
+        started.set()
+        try:
+            real(interrupted)
+        except Interrupted:
+            outcomes.append("interrupted")
+            raise
+        outcomes.append("measured")
+
+    monkeypatch.setattr(engine, "measure_profile", measure)
+    service = Service("tiny")
+    service.attach(engine)
+    with TestClient(create_app(service)) as client:
+        assert started.wait(WAIT_S)
+        assert client.get("/health").json()["verify_profile"].startswith("not measured yet")
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "one two three one two three one two"}],
+                "max_tokens": 24, "temperature": 0}
+        spec, plain = client.post("/v1/chat/completions", json=body).json(), client.post("/v1/chat/completions", json=body | {"speculative": False}).json()
+        assert outcomes[0] == "interrupted"
+        assert spec["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+        assert spec["usage"]["dspark"]["verified"] == spec["usage"]["dspark"]["drafted"] > 0  # no profile: every draft verified
+        deadline = time.monotonic() + WAIT_S
+        while outcomes[-1] != "measured" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert outcomes[-1] == "measured" and engine.scheduler.sps and not engine.profile_wanted
+        assert client.get("/health").json()["verify_profile"] in ("measured", "noisy (measured while other work slowed the passes)")
+        assert len(list((tmp_path / "sps").glob("*.json"))) == 1
 
 
 def test_max_model_len_bounds_the_prompts_and_the_cache(tiny_target_dir):
