@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import pytest
 
 import dspark_chat.engine.bench as bench_module
-import dspark_chat.engine.scheduler as scheduler_module
 from dspark_chat.engine import cli
 from dspark_chat.engine.bench import Progress, bench, build_modes, format_table, load_llama, read_prompts
 from dspark_chat.engine.engine import Engine
@@ -259,8 +258,6 @@ def test_progress_on_a_terminal_redraws_one_line():
 
 def test_profile_prints_the_sps_table_the_scheduler_reads(tiny_target_dir, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # platformdirs' cache dir on Linux
-    # A busy machine would leave a disturbed profile uncached and the second call would measure anew.
-    monkeypatch.setattr(scheduler_module, "disturbance", lambda times: None)
     assert cli.main(["bench", "--profile", "--target", str(tiny_target_dir), "--dtype", "float32", "--device", "cpu", "--block", "3"]) == 0
     lines = capsys.readouterr().out.strip().split("\n")
     assert lines[0].startswith(f"SPS profile of {tiny_target_dir}")
