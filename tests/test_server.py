@@ -311,11 +311,24 @@ def test_bad_requests_get_clear_errors(server):
     assert server.chat({"messages": hello, "max_tokens": 2}).json()["usage"]["completion_tokens"] == 2
 
 
-def test_binding_beyond_loopback_needs_an_api_key(tiny_target_dir):
-    env = {k: v for k, v in os.environ.items() if k != "DSPARK_CHAT_API_KEY"}
-    done = subprocess.run([sys.executable, "-m", "dspark_chat.engine", "serve", "--target", str(tiny_target_dir), "--host", "0.0.0.0", "--port", "0"],
-                          capture_output=True, text=True, timeout=WAIT_S, env=env)
-    assert done.returncode == 2 and "--api-key" in done.stderr and done.stdout == ""
+@pytest.fixture
+def never_listens(monkeypatch):
+    """`serve` run in this process, where a server that got as far as listening fails the test instead of serving."""
+    from dspark_chat.engine import server as server_module
+
+    def listened(self, *args, **kwargs):
+        raise AssertionError("the server listened")
+
+    monkeypatch.setattr(server_module._Uvicorn, "run", listened)
+
+
+def test_binding_beyond_loopback_needs_an_api_key(tiny_target_dir, never_listens, monkeypatch, capsys):
+    from dspark_chat.engine import cli
+
+    monkeypatch.delenv("DSPARK_CHAT_API_KEY", raising=False)
+    assert cli.main(["serve", "--target", str(tiny_target_dir), "--host", "0.0.0.0", "--port", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert "--api-key" in err and out == ""
 
 
 def test_fuzzing_the_openapi_description_finds_no_server_error(lookup_server, tmp_path):
@@ -330,10 +343,12 @@ def test_fuzzing_the_openapi_description_finds_no_server_error(lookup_server, tm
     assert lookup_server.metrics()['dspark:request_success_total{finished_reason="length"}'] > 0
 
 
-def test_unknown_catalog_model_is_refused_before_listening():
-    done = subprocess.run([sys.executable, "-m", "dspark_chat.engine", "serve", "--model", "no-such-pair", "--port", "0"],
-                          capture_output=True, text=True, timeout=WAIT_S)
-    assert done.returncode == 2 and "not in the catalog" in done.stderr and done.stdout == ""
+def test_unknown_catalog_model_is_refused_before_listening(never_listens, capsys):
+    from dspark_chat.engine import cli
+
+    assert cli.main(["serve", "--model", "no-such-pair", "--port", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert "not in the catalog" in err and out == ""
 
 
 def test_internal_error_answers_500_with_an_id_and_the_server_goes_on(tiny_target_dir):
