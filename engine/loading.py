@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import platformdirs
 import torch
@@ -90,17 +91,18 @@ def model_dir(spec: str) -> Path:
         raise LoadError(str(e)) from e
 
 
-def gguf_as_safetensors(gguf: Path) -> Path:
+def gguf_as_safetensors(gguf: Path, converting: Callable[[], None] = lambda: None) -> Path:
     """Dequantise a GGUF file once and keep it as a safetensors folder: the conversion takes tens of
     seconds, loading the result well under one. One copy per file path: when the file there changes (a
     reinstalled package), the new copy replaces the old, which would otherwise stay behind (half a GB
-    for SmolLM2) on every reinstall."""
+    for SmolLM2) on every reinstall. `converting` is called before a conversion (not for a kept copy)."""
     gguf = gguf.resolve()
     stat = gguf.stat()
     source = f"{gguf.stem}-{hashlib.sha1(str(gguf).encode()).hexdigest()[:10]}"
     out = cache_dir() / "gguf" / f"{source}-{stat.st_size}-{int(stat.st_mtime)}"
     if (out / "config.json").is_file():
         return out
+    converting()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are plain tensors now; this lets save_pretrained write them
@@ -115,27 +117,31 @@ def gguf_as_safetensors(gguf: Path) -> Path:
     return out
 
 
-def load_target(spec: str, dtype: str = "auto", device: str | None = None, placement=None, measuring=None) -> Target:
+def load_target(spec: str, dtype: str = "auto", device: str | None = None, placement=None,
+                phase: Callable[[str], None] = lambda name: None) -> Target:
     """spec: a model folder, a Hub id, a .gguf file, or "smollm2" for the embedded model.
 
     placement: from_pretrained keyword arguments that place the weights (device_map, max_memory,
     quantization_config, offload_folder, dtype), or a function of the target's config giving them
     (a fit plan's load_kwargs); accelerate then dispatches the model and dtype/device are not used.
-    measuring: called if the CPU products are measured (cpu_linear.speed_up), the first time only."""
+    phase(name): called as each part of loading begins, the ones done once per model and machine included
+    (converting a GGUF file, measuring the CPU products)."""
     dev = torch.device(device) if device else default_device()
     torch_dtype = resolve_dtype(dtype, dev)
+    converting = lambda: phase("converting the GGUF file to safetensors (once per file)")  # noqa: E731
     if spec == EMBEDDED:
-        folder = gguf_as_safetensors(embedded_gguf())
+        folder = gguf_as_safetensors(embedded_gguf(), converting)
     elif spec.endswith(".gguf"):
         if not Path(spec).is_file():
             raise LoadError(f"{spec}: no such GGUF file")
-        folder = gguf_as_safetensors(Path(spec))
+        folder = gguf_as_safetensors(Path(spec), converting)
     else:
         folder = model_dir(spec)
     if not (folder / "config.json").is_file():
         raise LoadError(f"{folder} has no config.json: not a transformers model folder")
     if not list(folder.glob("*.safetensors")):
         raise LoadError(f"{folder} has no .safetensors weights (pickle checkpoints are not loaded, for safety)")
+    phase("loading the target")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if placement is None:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True).to(dev)
@@ -143,6 +149,7 @@ def load_target(spec: str, dtype: str = "auto", device: str | None = None, place
         if callable(placement):
             placement = placement(AutoConfig.from_pretrained(folder))
         model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, **({"dtype": torch_dtype} | placement))
+    measuring = lambda: phase("measuring this CPU's matrix products (once per model and machine)")  # noqa: E731
     return Target(model, tokenizer, spec, cpu_linear.speed_up(model, cache_dir(), measuring))
 
 

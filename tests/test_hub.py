@@ -467,6 +467,8 @@ license = "MIT"
 
 
 @pytest.mark.parametrize("command", ["generate", "serve"])
-def test_plan_overrides_need_a_catalog_pair(command, tmp_path):
-    result = run(tmp_path, command, "--quant", "8bit", *(["hi"] if command == "generate" else []))
-    assert result.returncode == 2 and "use them with --model" in result.stderr
+def test_plan_overrides_need_a_catalog_pair(command, capsys):
+    from dspark_chat.engine import cli
+
+    assert cli.main([command, "--quant", "8bit", *(["hi"] if command == "generate" else [])]) == 2
+    assert "use them with --model" in capsys.readouterr().err
