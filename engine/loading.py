@@ -204,9 +204,11 @@ def load_drafter(spec: str, target: Target, int8: bool = True) -> DSparkDrafter 
         raise LoadError(f"drafter {spec} is a {arch}, made for {made_for}; target {target.name} is a {target_type} model: not a pair")
     if raw["vocab_size"] != target.vocab_size:
         raise LoadError(f"drafter {spec} has vocabulary size {raw['vocab_size']}, target {target.name} has {target.vocab_size}: not a pair")
-    for field in ("hidden_size", "target_hidden_size"):
-        if raw.get(field) not in (None, target.hidden_size):
-            raise LoadError(f"drafter {spec} has {field} {raw[field]}, target {target.name} has hidden size {target.hidden_size}: not a pair")
+    if raw["hidden_size"] != target.hidden_size:
+        raise LoadError(f"drafter {spec} has hidden size {raw['hidden_size']}, target {target.name} has {target.hidden_size}: not a pair")
+    if raw.get("target_hidden_size") not in (None, target.hidden_size):
+        raise LoadError(f"drafter {spec} has target_hidden_size {raw['target_hidden_size']}, target {target.name} has hidden size "
+                        f"{target.hidden_size}: not a pair")
     last = target.num_layers - 1
     shift, name = (1, "aux_hidden_state_layer_id") if layout == "speculators" else (0, "target_layer_id")
     for i in raw["target_layer_ids"]:

@@ -50,7 +50,7 @@ def read_config(raw: dict) -> dict:
     """The drafter's config in DeepSpec's form (with OWN_FIELDS). ValueError says what does not fit."""
     kind = raw["speculators_model_type"]
     if kind not in KINDS:
-        raise ValueError(f"speculators_model_type {kind!r}: this loader reads {' and '.join(KINDS)} drafters")
+        raise ValueError(f"speculators_model_type {kind!r}: dspark-chat reads speculators' {', '.join(KINDS)} and eagle3 drafters")
     layer = raw.get("transformer_layer_config")
     if not isinstance(layer, dict) or layer.get("model_type") not in DECODER_CONFIGS:
         given = layer.get("model_type") if isinstance(layer, dict) else layer

@@ -43,13 +43,14 @@ def top(field, value):
 
 @pytest.mark.parametrize("change, message", [
     (decoder("vocab_size", 600), "has vocabulary size 600, target .* has 512: not a pair"),
-    (decoder("hidden_size", 32), "has hidden_size 32, target .* has hidden size 64: not a pair"),
+    (decoder("hidden_size", 32), "has hidden size 32, target .* has 64: not a pair"),
     (top("target_hidden_size", 128), "has target_hidden_size 128, target .* has hidden size 64: not a pair"),
     (top("aux_hidden_state_layer_ids", [1, 4]), "aux_hidden_state_layer_id 4 names the target's last layer, whose hidden state "
                                                 "transformers returns after the final norm; valid ids are 0..3"),
     (top("aux_hidden_state_layer_ids", [1, 9]), "aux_hidden_state_layer_id 9 is out of range; valid ids are 0..3"),
     (top("mask_token_id", None), "config.json lacks 'mask_token_id', which a speculators dspark drafter needs"),
-    (top("speculators_model_type", "eagle3"), "speculators_model_type 'eagle3': this loader reads dspark and dflash drafters"),
+    (top("speculators_model_type", "medusa"), "speculators_model_type 'medusa': dspark-chat reads speculators' dspark, dflash "
+                                              "and eagle3 drafters"),
     (decoder("model_type", "gemma4_text"), "transformer_layer_config has model_type 'gemma4_text'; speculators builds its draft "
                                            "decoders from qwen3 or llama configs, and only those are read"),
     (top("markov_head_type", "transformer"), "markov_head_type 'transformer' is unknown"),
