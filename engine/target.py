@@ -13,6 +13,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 GROUPED_SDPA = "sdpa_grouped"
+# Layer types (transformers' `layer_types`) that keep a recurrent state: Gated DeltaNet (Qwen3.5, Qwen3-Next),
+# Mamba (Nemotron-H, Granite 4, Falcon-H1, Bamba, Jamba). A verify pass runs that state over every draft, the
+# rejected ones too, and a state cannot be cropped back the way keys and values can. Convolution-only layers
+# ("conv", LFM2) are not among them: with past recording on they keep their inputs, and cropping is exact.
+RECURRENT_LAYER_TYPES = ("linear_attention", "hybrid", "hybrid_sliding")
 
 
 def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -98,6 +103,7 @@ class Target:
         head = model.get_output_embeddings()
         self.output_device = head.weight.device if head is not None and head.weight.device.type != "meta" else self.device
         self.stop_ids = _stop_ids(model, tokenizer)
+        self.layer_types = list(getattr(text_config, "layer_types", None) or [])
         # Later transformers 5 releases name the cache argument `cache` and warn on `past_key_values`.
         self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.rewind(0)
@@ -106,6 +112,18 @@ class Target:
     def attention(self) -> str:
         """The attention implementation: passes time differently with each."""
         return self.model.config._attn_implementation
+
+    @property
+    def speculation_refusal(self) -> str | None:
+        """Why speculative decoding cannot run on this target, or None when its cache rolls back exactly."""
+        recurrent = [t for t in self.layer_types if t in RECURRENT_LAYER_TYPES]
+        if not recurrent:
+            return None
+        model_type = self.model.config.get_text_config().model_type
+        return (f"{self.name} ({model_type}) has {len(recurrent)} layers of {len(self.layer_types)} with a recurrent "
+                f"state, which a verify pass runs over the drafts it rejects too and which cannot be rolled back "
+                f"exactly, so speculative decoding would not give the model's own text. Run it without a drafter or "
+                f"prompt lookup: --no-spec (or `speculative: false` in a request) decodes plainly.")
 
     def rewind(self, length: int) -> None:
         """Keep the cache for the first `length` tokens only."""
