@@ -4,6 +4,7 @@ tests' 512-token vocabulary, and weights drawn with a large initializer_range so
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -43,17 +44,43 @@ FAMILIES: dict[str, dict] = {
 }
 
 
-def build(family: str, seed: int = 0):
+def build(family: str, seed: int = 0, **changes):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(family, **COMMON, **FAMILIES[family])
+    config = AutoConfig.for_model(family, **(COMMON | FAMILIES[family] | changes))
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def save(family: str, folder: Path, tokenizer, seed: int = 0) -> Path:
+def save(family: str, folder: Path, tokenizer, seed: int = 0, **changes) -> Path:
     """A target folder (safetensors, config, the tests' tokenizer) for a tiny model of `family`."""
-    model = build(family, seed)
+    model = build(family, seed, **changes)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_drafter(folder: Path, vocab_size: int, seed: int = 0, std: float = 0.8) -> Path:
+    """A random DSpark drafter (block 4, Markov head, confidence head) for the tiny hybrids, in DeepSpec's layout."""
+    from safetensors.torch import save_file
+    from transformers import Qwen3Config
+
+    from dspark_chat.engine.dspark import DSparkDrafter
+
+    fields = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        architectures=["Qwen3DSparkModel"], block_size=4, num_hidden_layers=1, num_target_layers=4,
+        target_layer_ids=[0, 2], mask_token_id=3, layer_types=["full_attention"], markov_rank=4,
+        markov_head_type="vanilla", enable_confidence_head=True, confidence_head_with_markov=True, num_anchors=8,
+    )
+    torch.manual_seed(seed)
+    config = Qwen3Config(**fields)
+    drafter = DSparkDrafter(config)
+    with torch.no_grad():
+        for name, p in drafter.named_parameters():
+            p.copy_(torch.ones_like(p) if "norm" in name else torch.randn_like(p) * std)
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in drafter.state_dict().items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
     return folder
