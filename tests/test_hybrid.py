@@ -4,9 +4,13 @@ refused for speculation and still decode plainly."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 
+from dspark_chat.engine.cli import main as cli
 from dspark_chat.engine.decode import decode
 from dspark_chat.engine.engine import Engine
 from dspark_chat.engine.hybrid import SCANS, HybridStates
@@ -17,10 +21,20 @@ from dspark_chat.engine.sampling import Sampling
 from . import hybrids
 from .conftest import REFERENCE, Forcing
 from .test_lossless import chi_square_pvalue, exact_distribution, sampled_counts
+from .test_train import snippets
 
 EXACT = [f for f in hybrids.FAMILIES if f in SCANS]
 REFUSED = [f for f in hybrids.FAMILIES if f not in SCANS]
 SCHEDULE = [3, 7, 0, 5, 1, 6, 2, 4]  # forced acceptances: every rollback length of a 7-draft block
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this small run fastest on one thread, and far faster than on two when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_every_family_is_covered():
@@ -200,3 +214,29 @@ def test_speculative_sampling_on_a_hybrid_matches_the_target_distribution(tmp_pa
     counts = sampled_counts(target, drafter, prefix, length, sampling, runs, verified=verified)
     assert chi_square_pvalue(counts, exact, runs) > 1e-3
     assert max(verified) >= 2  # rounds verified several drafts, so rollbacks ran
+
+
+def test_a_drafter_trains_on_a_hybrid_target_and_decodes_losslessly(hybrid_dir, hybrid_target, tmp_path):
+    """Qwen3.5-MoE: Gated DeltaNet layers, and experts only (the drafter's MLP takes the width a token passes
+    through). The answers training caches are the target's own greedy answers."""
+    family = "qwen3_5_moe_text"
+    target = hybrid_target(family)
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"turns": [s]}) + "\n" for s in snippets(0, 12)))
+    out, cache = tmp_path / "drafter", tmp_path / "cache"
+    assert cli(["train", "--target", str(hybrid_dir(family)), "--prompts", str(prompts_file), "--out", str(out),
+                "--steps", "4", "--layers", "1", "--block-size", "4", "--markov-rank", "8", "--max-new-tokens", "12",
+                "--gen-batch", "6", "--batch", "4", "--anchors", "4", "--cache-dir", str(cache), "--device", "cpu"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["intermediate_size"] == 2 * 32 + 32 and config["target_layer_ids"] == [1, 2]
+    answered = 0
+    for shard in sorted(cache.rglob("shard-*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for key in [k for k in f.keys() if k.endswith(".ids")]:
+                ids, prompt_len = f.get_tensor(key).tolist(), int(f.get_tensor(key[:-3] + "prompt_len"))
+                assert ids[prompt_len:] == generated(target, None, ids[:prompt_len], 12)
+                answered += 1
+    assert answered == 12
+    drafter = load_drafter(str(out), target)
+    for prompt in prompts():
+        assert generated(target, drafter, prompt) == generated(target, None, prompt)
