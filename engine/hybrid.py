@@ -7,7 +7,8 @@ pass keeps every position's state and the rollback puts back the one after the l
   so the state after any position of the last pass is a slice.
 - Recurrent states: during a verify pass the layer's multi-token scan is replaced by its own one-token step
   (the function transformers calls for plain decoding, or the fla / mamba_ssm kernel it dispatches to), run
-  position by position, which yields each position's state at no extra matrix product.
+  position by position, which yields each position's state at no extra matrix product. The families and their
+  scans: engine/hybrid_families.py.
 
 Measured against the other way, a snapshot before the pass and a recomputation of the kept tokens on rejection,
 on tiny and on realistic-size random models (docs/hybrid.md): per-position states cost 0-6% over a verify pass
@@ -26,24 +27,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
-# Text model types whose stateful layers roll back exactly here, with the multi-token scan their modeling module
-# calls and the one-token step that replaces it (None: convolution states only). tests/test_hybrid.py checks each
-# for greedy identity, and that a multi-token pass continues correctly from a cached state.
-SCANS = {
-    "lfm2": None,
-    "qwen3_5_text": ("torch_chunk_gated_delta_rule", "gated_delta"),
-    "qwen3_5_moe_text": ("torch_chunk_gated_delta_rule", "gated_delta"),
-    "qwen3_next": ("torch_chunk_gated_delta_rule", "gated_delta"),
-    "nemotron_h": ("mamba2_chunk_scan", "mamba2"),
-    "granitemoehybrid": ("mamba2_chunk_scan", "mamba2"),
-    "falcon_h1": ("mamba2_chunk_scan", "mamba2"),
-    "bamba": ("mamba2_chunk_scan", "mamba2"),
-}
-# Families with such layers that are known not to work, and why. Any other family not in SCANS is refused too.
-UNSUPPORTED = {
-    "jamba": "transformers runs Jamba's Mamba layers over several tokens from a zero state (its selective scan, "
-             "like mamba_ssm's selective_scan_fn, takes no initial state), so a verify pass cannot continue the cache",
-}
+from .hybrid_families import SCANS, UNSUPPORTED
 
 
 def stateful_layers(cache) -> list:
