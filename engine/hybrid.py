@@ -10,10 +10,11 @@ pass keeps every position's state and the rollback puts back the one after the l
   position by position, which yields each position's state at no extra matrix product. The families and their
   scans: engine/hybrid_families.py.
 
-Measured against the other way, a snapshot before the pass and a recomputation of the kept tokens on rejection,
-on tiny and on realistic-size random models (docs/hybrid.md): per-position states cost 0-6% over a verify pass
-that rolls back nothing (16% once, within the noise); recomputing only the recurrent layers' mixers on the
-kept tokens cost 10-43% on rounds that reject a draft, rerunning the model on them 28-85%.
+Chosen for every family over the other way, a snapshot before the pass and a recomputation of the kept tokens on
+a rejection, by measurement (bench/hybrid_rollback.py, docs/hybrid.md; random Qwen3.5 and Nemotron-H models at
+hidden 2048, CPU time on one thread): per-position states cost -8% to +7% of a round that rolls nothing back (on a
+CPU the one-token recurrence is no slower than the chunked scan, padded to its chunk), where recomputing the kept
+tokens cost 5-40% more on rejecting rounds through the recurrent layers' mixers alone, 23-79% through the model.
 
 Further back than the last pass (a new turn that edits older text), the states come from the checkpoint taken
 after the last prefill, or from an empty cache, and the tokens after it are run again."""

@@ -148,7 +148,8 @@ class Target:
             del self.cached_ids[start:]
         else:
             self.rewind(0)
-        self.forward(kept[len(self.cached_ids) :], last_only=True)
+        if len(kept) > len(self.cached_ids):
+            self.forward(kept[len(self.cached_ids) :], last_only=True)
 
     def _crop_keys_and_values(self, drop: int) -> None:
         """Crop every layer's keys and values. Layers with states only are left to HybridStates; those with keys
