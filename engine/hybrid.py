@@ -117,6 +117,8 @@ class HybridStates:
                     state.copy_(self.steps[id(state)][self.kept])
 
     def save_checkpoint(self, length: int) -> None:
+        if not self.verified:
+            return  # its multi-token passes cannot continue from a state: Target runs the context again instead
         self.checkpoint = Checkpoint(
             length,
             [{i: s.clone() for i, s in layer.conv_states.items() if s is not None} for layer in self.layers],
@@ -127,7 +129,7 @@ class HybridStates:
         """The position of the checkpoint if it lies at or before `length` (a later one is dropped), else 0."""
         if self.checkpoint is not None and self.checkpoint.length > length:
             self.checkpoint = None
-        return self.checkpoint.length if self.checkpoint and self.verified else 0
+        return self.checkpoint.length if self.checkpoint else 0
 
     @torch.inference_mode()
     def restore_checkpoint(self) -> None:
@@ -144,7 +146,7 @@ class HybridStates:
         """Gated DeltaNet's chunked scan, run as its one-token recurrence (which returns a new state each step)."""
         if initial_state is None:
             return self.chunked(query, key, value, g=g, beta=beta, output_final_state=output_final_state,
-                                   use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
+                                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
         step = self.module.torch_recurrent_gated_delta_rule
         states, outputs, state = [initial_state.clone()], [], initial_state
         for t in range(query.shape[1]):
@@ -160,20 +162,23 @@ class HybridStates:
                       dt_softplus=False, return_final_states=False, **kwargs):
         """Mamba-2's chunked scan, run as the one-token state update plain decoding uses (which updates the state
         in place, so each position gets a copy). Shapes as the mixers pass them to each: [batch, length, heads,
-        head_dim] inputs and [batch, length, groups, state] B and C here; per head and head_dim there."""
-        if initial_states is None or not return_final_states:
+        head_dim] inputs and [batch, length, groups, state] B and C here; per head and head_dim there. The chunked
+        scan's dt_limit clamp is left out as plain decoding's step leaves it out: the states are plain decoding's."""
+        if initial_states is None or not return_final_states or kwargs.get("z") is not None:
+            # No state to continue (or a gate inside the scan, which the mixers here never pass): no positions kept,
+            # and a rollback into this pass rebuilds from the checkpoint.
             return self.chunked(hidden_states, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
-                                   initial_states=initial_states, dt_softplus=dt_softplus,
-                                   return_final_states=return_final_states, **kwargs)
+                                initial_states=initial_states, dt_softplus=dt_softplus,
+                                return_final_states=return_final_states, **kwargs)
         head_dim, size = hidden_states.shape[-1], B.shape[-1]
-        per_head = dict(A=A[:, None, None].expand(-1, head_dim, size), D=D[:, None].expand(-1, head_dim),
-                        dt_bias=dt_bias[:, None].expand(-1, head_dim))
+        A = A[:, None, None].expand(-1, head_dim, size)
+        D, dt_bias = D[:, None].expand(-1, head_dim), dt_bias[:, None].expand(-1, head_dim)
         state = initial_states.clone()
         states, outputs = [state.clone()], []
         for t in range(hidden_states.shape[1]):
             outputs.append(self.module.mamba2_selective_state_update(
-                state, hidden_states[:, t], dt[:, t, :, None].expand(-1, -1, head_dim), per_head["A"], B[:, t], C[:, t],
-                per_head["D"], z=None, dt_bias=per_head["dt_bias"], dt_softplus=dt_softplus))
+                state, hidden_states[:, t], dt[:, t, :, None].expand(-1, -1, head_dim), A, B[:, t], C[:, t], D,
+                z=None, dt_bias=dt_bias, dt_softplus=dt_softplus))
             states.append(state.clone())
         self.steps[id(initial_states)] = states
         return torch.stack(outputs, 1), state
