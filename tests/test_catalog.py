@@ -133,6 +133,8 @@ def test_a_pair_that_speculates_on_a_hybrid_whose_state_cannot_be_rolled_back_is
     assert load_catalog([BUILTIN, write(tmp_path / "plain.toml", plain)]).pair("tiny-lookup").target.state_bytes == 4096
     lines = errors(tmp_path, TARGET.replace("[targets.tiny]", "[targets.odd]") + "state_bytes = 4096\n")
     assert len(lines) == 1 and "[targets.odd] state_bytes: a target with recurrent or convolution state names its model_type" in lines[0]
+    lines = errors(tmp_path, TARGET.replace("[targets.tiny]", "[targets.odd]") + "attention_layers = 99\n")
+    assert len(lines) == 1 and "[targets.odd] attention_layers: more than its" in lines[0]
 
 
 def write(path: Path, text: str) -> Path:

@@ -3,6 +3,7 @@ and the from_pretrained arguments each plan gives the loader."""
 
 from __future__ import annotations
 
+import dataclasses
 import pytest
 import torch
 from transformers import Qwen3Config
@@ -124,6 +125,8 @@ def test_a_hybrid_counts_keys_and_values_of_its_attention_layers_and_a_fixed_rec
     assert need.state == 154_927_104 * (2 + 16) == estimate(pair, "bfloat16", None, 65536).state
     lookup = catalog.pairs["lfm25-1-2b-lookup"]
     assert estimate(lookup).state == 122_880 * (2 + 11)
+    # plain decoding runs no verify pass: the live states and the checkpoint only
+    assert estimate(dataclasses.replace(lookup, kind="none")).state == 122_880 * 2
     assert "recurrent state" in plan_pair(pair, MACHINES["dgx-spark"]).explain()
     assert "recurrent state" not in plan_pair(catalog.pairs["qwen3-8b-dspark"], MACHINES["dgx-spark"]).explain()
 
