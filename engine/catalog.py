@@ -12,6 +12,8 @@ from pathlib import Path
 
 import platformdirs
 
+from .hybrid_families import SCANS
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -68,6 +70,11 @@ class Target:
     download_bytes: int
     estimated: tuple[str, ...] = ()
     remote_code: bool = False  # transformers runs it only with the repository's own code: refused, never run
+    # Hybrids (layers with a recurrent or convolution state beside attention): config.json's text model type,
+    # the layers that keep keys and values (0: all), and the fixed bytes of state one sequence keeps.
+    model_type: str = ""
+    attention_layers: int = 0
+    state_bytes: int = 0
 
     @property
     def embedded(self) -> bool:
@@ -79,7 +86,9 @@ class Target:
         return self.repo if self.embedded or self.revision == "main" else f"{self.repo}@{self.revision}"
 
     def kv_bytes_per_token(self, dtype_bytes: float, layers: int | None = None) -> float:
-        return 2 * (self.layers if layers is None else layers) * self.kv_heads * self.head_dim * dtype_bytes
+        if layers is None:
+            layers = self.attention_layers or self.layers
+        return 2 * layers * self.kv_heads * self.head_dim * dtype_bytes
 
 
 @dataclass(frozen=True)
@@ -199,7 +208,8 @@ TARGET_FIELDS = {
     "layers": (_positive, True), "hidden_size": (_positive, True), "attention_heads": (_positive, True),
     "kv_heads": (_positive, True), "head_dim": (_positive, True), "vocab_size": (_positive, True),
     "max_positions": (_positive, True), "tied_embeddings": (_flag, True), "dtype": (_dtype, True),
-    "download_bytes": (_size, True), "estimated": (_names, False), "remote_code": (_flag, False),
+    "download_bytes": (_size, True), "estimated": (_names, False), "remote_code": (_flag, False), "model_type": (_text, False),
+    "attention_layers": (_positive, False), "state_bytes": (_size, False),
 }
 DRAFTER_FIELDS = {
     "drafter": (_repo, True), "drafter_revision": (_text, False), "drafter_layers": (_positive, True),
@@ -338,10 +348,16 @@ def load_catalog(files: list[Path] | None = None) -> Catalog:
         if d["kv_heads"] > d["attention_heads"] or d["attention_heads"] % d["kv_heads"]:
             problems.add(source, f"targets.{name}", "kv_heads", "must divide attention_heads")
             continue  # its pairs are not reported again
+        if d.get("attention_layers", 0) > d["layers"]:
+            problems.add(source, f"targets.{name}", "attention_layers", f"more than its {d['layers']} layers")
+            continue
+        if d.get("state_bytes") and "model_type" not in d:
+            problems.add(source, f"targets.{name}", "state_bytes", "a target with recurrent or convolution state names "
+                         "its model_type (config.json's, of the text model), which decides whether it can speculate")
+            continue
         built_targets[name] = Target(
             name=name, revision=d.get("revision", "main"), estimated=tuple(d.get("estimated", ())),
-            remote_code=d.get("remote_code", False),
-            **{k: d[k] for k in TARGET_FIELDS if k not in ("revision", "estimated", "remote_code")},
+            **{k: d[k] for k in TARGET_FIELDS if k in d and k not in ("revision", "estimated")},
         )
     built_pairs = {}
     for name, (source, d) in pairs.items():
@@ -351,6 +367,12 @@ def load_catalog(files: list[Path] | None = None) -> Catalog:
             close = difflib.get_close_matches(d["target"], built_targets, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.add(source, f"pairs.{name}", "target", f"no [targets.{d['target']}] in the catalog{hint}")
+            continue
+        target = built_targets[d["target"]]
+        if d["kind"] != "none" and target.state_bytes and target.model_type not in SCANS:
+            problems.add(source, f"pairs.{name}", "kind", f"target {d['target']} ({target.model_type}) keeps a recurrent "
+                         f"or convolution state that dspark-chat rolls back exactly only for {', '.join(SCANS)}: "
+                         "speculation would not give its own text; use kind = \"none\"")
             continue
         if d["kind"] == "dspark+lookup" and "drafter" not in d and shipped_drafter(built_targets[d["target"]].spec) is None:
             problems.add(source, f"pairs.{name}", "kind", f"dspark+lookup without a drafter takes the drafter this project "

@@ -192,9 +192,18 @@ def drafter_config(target: Target, options, layers: list[int]) -> dict:
         layer_types=["full_attention"] * options.layers, tie_word_embeddings=False, mask_token_id=int(mask),
         num_anchors=options.anchors, markov_rank=rank, markov_head_type=options.markov_head,
         enable_confidence_head=True, confidence_head_with_markov=rank > 0, head_dim=target_head_dim(target),
-        intermediate_size=options.intermediate_size or config["intermediate_size"],
+        intermediate_size=options.intermediate_size or target_mlp_width(config),
     )
     return json.loads(json.dumps(config))  # as config.json will hold it (integer keys become strings)
+
+
+def target_mlp_width(config: dict) -> int:
+    """The target's MLP width; where every layer is a mixture of experts (Qwen3.5-MoE has no dense width), the
+    width a token passes through: its routed experts' and its shared expert's."""
+    if config.get("intermediate_size"):
+        return int(config["intermediate_size"])
+    routed = (config.get("moe_intermediate_size") or 0) * (config.get("num_experts_per_tok") or 0)
+    return int(routed + (config.get("shared_expert_intermediate_size") or 0))
 
 
 def target_head_dim(target: Target) -> int:
