@@ -315,6 +315,9 @@ def plan_pair(
 ) -> Plan:
     """The first option that fits. With overrides (dtype, quant, max_memory, device_map) the first option they
     allow is returned even if it does not fit, with a warning: the user may know better (swap, other limits)."""
+    if pair.target.remote_code:
+        raise PlanError(f"{pair.name}: its target {pair.target.repo} runs in transformers only with the repository's own code "
+                        "(trust_remote_code), and dspark-chat never runs a model's own code: choose another pair")
     hw = hardware or detect()
     context = min(context or DEFAULT_CONTEXT, pair.target.max_positions)
     if quant not in (None, "none", "8bit", "4bit"):

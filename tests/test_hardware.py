@@ -50,12 +50,25 @@ EXPECTED = {
                  "qwen3-8b-dflash": ("cpu", "bfloat16"), "qwen3-14b-dspark": None, "qwen3-14b-dflash": None,
                  "gemma4-12b-dspark": None, "gemma4-12b-dflash": None} | HYBRIDS | {"lfm25-1-2b-lookup": ("cpu", "float32")},
 }
+# The speculators-format pairs (every number estimated, see models.toml).
+SPECULATORS_PLANS = {
+    "one-24gb": {"qwen3-8b-speculators-dspark": SMALL, "gemma4-31b-dspark": None, "gemma4-31b-dflash": None,
+                 "gemma4-26b-a4b-dspark": ("gpu", "4bit")},
+    "two-24gb": {"qwen3-8b-speculators-dspark": SMALL, "gemma4-31b-dspark": ("sharded", "8bit"),
+                 "gemma4-31b-dflash": ("sharded", "8bit"), "gemma4-26b-a4b-dspark": ("sharded", "8bit")},
+    "laptop-8gb": dict.fromkeys(["qwen3-8b-speculators-dspark", "gemma4-31b-dspark", "gemma4-31b-dflash", "gemma4-26b-a4b-dspark"]),
+    "cpu-16gb": dict.fromkeys(["qwen3-8b-speculators-dspark", "gemma4-31b-dspark", "gemma4-31b-dflash", "gemma4-26b-a4b-dspark"]),
+    "cpu-32gb": {"qwen3-8b-speculators-dspark": ("cpu", "bfloat16"), "gemma4-31b-dspark": None, "gemma4-31b-dflash": None,
+                 "gemma4-26b-a4b-dspark": None},
+}
+for machine, plans in SPECULATORS_PLANS.items():
+    EXPECTED[machine] |= plans
 # Eagle3 pairs plan as their DSpark counterparts (their drafters are smaller), except that on the 8 GB laptop
 # Qwen3-4B's 1.9 GB Eagle3 drafter leaves room for the target in 8-bit, where DSpark's 2.8 GB needs 4-bit.
+EAGLE3_PAIRS = [name for name in load_catalog().pairs if name.endswith("-eagle3")]
 for machine, plans in EXPECTED.items():
     if machine != "dgx-spark":
-        plans.update({name.replace("-dspark", "-eagle3"): plan for name, plan in list(plans.items())
-                      if name.endswith("-dspark") and name not in HYBRIDS})
+        plans.update({name: plans[name.removesuffix("-eagle3") + "-dspark"] for name in EAGLE3_PAIRS})
 EXPECTED["laptop-8gb"]["qwen3-4b-eagle3"] = ("gpu", "8bit")
 
 

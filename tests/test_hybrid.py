@@ -243,8 +243,8 @@ def test_a_drafter_trains_on_a_hybrid_target_and_decodes_losslessly(hybrid_dir, 
     assert cli(["train", "--target", str(hybrid_dir(family)), "--prompts", str(prompts_file), "--out", str(out),
                 "--steps", "4", "--layers", "1", "--block-size", "4", "--markov-rank", "8", "--max-new-tokens", "12",
                 "--gen-batch", "6", "--batch", "4", "--anchors", "4", "--cache-dir", str(cache), "--device", "cpu"]) == 0
-    config = json.loads((out / "config.json").read_text())
-    assert config["intermediate_size"] == 2 * 32 + 32 and config["target_layer_ids"] == [1, 2]
+    config = json.loads((out / "config.json").read_text())  # train writes the speculators format: 1-based layer ids
+    assert config["transformer_layer_config"]["intermediate_size"] == 2 * 32 + 32 and config["aux_hidden_state_layer_ids"] == [2, 3]
     answered = 0
     for shard in sorted(cache.rglob("shard-*.safetensors")):
         with safe_open(shard, "pt") as f:
