@@ -321,17 +321,19 @@ def models(args) -> int:
     if args.target:
         target = rows[0][0].target
         print(f"drafters for {target.repo} ({target.name} in the catalog):")
-        print(f"{'NAME':<28} {'KIND':<14} {'FORMAT':<12} {'DRAFTER':<44} {'SIZE':>9}  {'DOWNLOADED':<11} PLAN")
+        wide = max(44, *(len(pair.drafter or "") for pair, *_ in rows))
+        print(f"{'NAME':<28} {'KIND':<14} {'FORMAT':<12} {'DRAFTER':<{wide}} {'SIZE':>9}  {'DOWNLOADED':<11} PLAN")
         for pair, status, plan, summary, explanation in rows:
             size = _gigabytes(pair.drafter_download_bytes, "drafter_download_bytes" in pair.estimated) if pair.drafter else "-"
             drafter = pair.drafter or ("shipped" if pair.kind == "dspark+lookup" else "-")
-            print(f"{pair.name:<28} {pair.kind:<14} {drafter_format(pair):<12} {drafter:<44} {size:>9}  {status:<11} {summary}")
+            print(f"{pair.name:<28} {pair.kind:<14} {drafter_format(pair):<12} {drafter:<{wide}} {size:>9}  {status:<11} {summary}")
         print("\n`dspark-chat models NAME` explains a plan; `dspark-chat pull NAME` downloads a pair.")
         return 0
-    print(f"{'NAME':<28} {'KIND':<14} {'FORMAT':<12} {'TARGET':<26} {'DOWNLOAD':>10}  {'DOWNLOADED':<11} PLAN")
+    wide = max(26, *(len(pair.target.repo) for pair, *_ in rows))  # a long target id keeps the columns aligned
+    print(f"{'NAME':<28} {'KIND':<14} {'FORMAT':<12} {'TARGET':<{wide}} {'DOWNLOAD':>10}  {'DOWNLOADED':<11} PLAN")
     for pair, status, plan, summary, explanation in rows:
         size = _gigabytes(pair.download_bytes, pair.has_estimates) if pair.repos() else "-"
-        print(f"{pair.name:<28} {pair.kind:<14} {drafter_format(pair):<12} {pair.target.repo:<26} {size:>10}  {status:<11} {summary}")
+        print(f"{pair.name:<28} {pair.kind:<14} {drafter_format(pair):<12} {pair.target.repo:<{wide}} {size:>10}  {status:<11} {summary}")
     print("\n`dspark-chat models NAME` explains a plan; `dspark-chat models --target T` lists the drafters for a target; "
           "`dspark-chat pull NAME` downloads a pair.")
     return 0
