@@ -439,7 +439,11 @@ def test_generate_with_an_eagle3_catalog_pair(hub, eagle3_target_dir, tmp_path):
     """`generate --model NAME` for a pair of kind eagle3: a speculators-format drafter on the (local) Hub."""
     hub.repos["acme/tiny6"] = Repo({p.name: p.read_bytes() for p in eagle3_target_dir.iterdir()}, {"model.safetensors"})
     drafter = EAGLE3 / "speculators" / "speculators_llama"
-    hub.repos["acme/tiny6-eagle3"] = Repo({p.name: p.read_bytes() for p in drafter.iterdir()}, {"model.safetensors"})
+    files = {p.name: p.read_bytes() for p in drafter.iterdir()}
+    config = json.loads(files["config.json"])
+    config["speculators_config"]["verifier"]["name_or_path"] = "acme/tiny6"  # made for this target (else refused)
+    files["config.json"] = json.dumps(config).encode()
+    hub.repos["acme/tiny6-eagle3"] = Repo(files, {"model.safetensors"})
     user = tmp_path / "config" / "dspark-chat" / "models.toml"
     user.parent.mkdir(parents=True)
     user.write_text(TINY_TARGET_TOML.replace("[targets.tiny]", "[targets.tiny6]").replace('"acme/tiny"', '"acme/tiny6"')
