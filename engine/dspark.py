@@ -240,9 +240,9 @@ class DSparkDrafter(nn.Module):
         n = min(limit, self.block_size)
         if n <= 0:
             return Proposal.empty(ids.device)
-        hidden = self.backbone(ids[-1])[:n]
+        anchor = ids[-1].to(self.device, non_blocking=True)  # a blocking copy would wait for the device
+        hidden = self.backbone(anchor)[:n]
         base_logits = self.logits(hidden)
-        anchor = ids[-1].to(self.device)
         vocab = self.draft_vocab
         if self.markov_head is None:
             tokens, probs = sampling.pick(base_logits, generator)
@@ -268,7 +268,7 @@ class DSparkDrafter(nn.Module):
         start, gamma = self.context_length, self.block_size
         embed_device = self.embed_tokens.weight.device
         block_ids = torch.full((gamma,), self.mask_token_id, dtype=torch.long, device=embed_device)
-        block_ids[0] = anchor
+        block_ids[0] = anchor.to(embed_device)
         x = self.embed_tokens(block_ids).to(self.device, self.dtype)
         positions = torch.arange(self._cached, start + gamma, device=self.device)
         cos, sin = self.rotary_emb(x, positions[None])

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .catalog import shipped_drafter
+from .compiled import CompiledTarget, compile_target, verify_width, wants_compile
 from .decode import Drafter, Step, decode
 from .dspark import DSparkDrafter
 from .loading import LoadError, cache_dir, load_drafter, load_target, model_dir
@@ -37,13 +38,18 @@ class Engine:
         placement=None,
         float_drafter: bool = False,
         measuring=None,
+        compile: str = "off",
+        max_length: int | None = None,
+        announce=None,
     ) -> "Engine":
         """A drafter with prompt lookup copies where the context repeats itself and drafts with the model
         elsewhere (LookupOrDraft). With neither asked for, a target with a shipped drafter gets it with
         prompt lookup, the fastest way on code and maths and close to prompt lookup alone on chat
         (README, "The shipped drafter"; `default_drafter=False` loads no drafter: plain decoding). On an x86
         CPU the drafter runs in int8 unless `float_drafter` (load_drafter). `measuring` is called if the
-        target's CPU products get measured (a first start; load_target)."""
+        target's CPU products get measured (a first start; load_target). `compile` is on, off or auto
+        (compiled.wants_compile); `announce` gets the line that says compiling started and how long it takes.
+        `max_length` caps the context, which the compiled target's cache is made for."""
         if not drafter and not prompt_lookup and default_drafter:
             drafter = shipped_drafter(target)
             prompt_lookup = drafter is not None
@@ -56,6 +62,10 @@ class Engine:
             if prompt_lookup:
                 draft = LookupOrDraft(draft)
             plan.temperatures = load_calibration(Path(calibration)) if calibration else folder_calibration(folder)
+        if max_length:
+            loaded.max_length = min(loaded.max_length, max_length)
+        if wants_compile(compile, loaded.device):
+            loaded = compile_target(loaded, verify_width(draft), draft.feature_layers if draft else (), cache_dir(), announce)
         engine = cls(loaded, draft, plan)
         if scheduler == "auto":
             engine.scheduler_for("auto")  # profile now, at start-up, rather than in the first request
@@ -110,7 +120,8 @@ class Engine:
             kind = f"prompt lookup, else drafter {_block(self.drafter.drafter)}, scheduler {self.scheduler.mode}"
         elif isinstance(self.drafter, PromptLookupDrafter):
             kind = "prompt lookup"
-        return f"{self.target.name} ({self.target.dtype}, {self.target.device}), {kind}"
+        compiled = ", compiled" if isinstance(self.target, CompiledTarget) else ""
+        return f"{self.target.name} ({self.target.dtype}, {self.target.device}{compiled}), {kind}"
 
 
 def folder_calibration(folder: Path) -> list[float] | None:

@@ -643,8 +643,12 @@ def run(args, name: str, placement: dict | None = None) -> int:
             service.set_state("loading", "measuring this CPU's matrix products, once per model and machine")
 
         # Loaded with the scheduler off so that profiling, the slow part of start-up, shows in /health.
+        def compiling(line: str) -> None:
+            service.set_state("compiling", line)
+
         engine = Engine.load(args.target, args.drafter, args.prompt_lookup, args.dtype, args.device, "off", args.threshold,
-                             args.calibration, placement=placement, float_drafter=args.float_drafter, measuring=measuring)
+                             args.calibration, placement=placement, float_drafter=args.float_drafter, measuring=measuring,
+                             compile=args.compile, max_length=args.max_model_len, announce=compiling)
         engine.scheduler.mode = args.scheduler
         if args.scheduler == "auto" and engine.drafter is not None:
             service.set_state("profiling", "measuring the target's verify speed for the auto scheduler")

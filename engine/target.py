@@ -77,6 +77,41 @@ class GrowingLayer(DynamicLayer):
             self._use(max(0, self.length + tokens_to_remove))
 
 
+class TokenLog:
+    """The ids a cache holds. Ids that arrive as a device tensor (a verify pass over drafts still on the
+    device) are read only when asked for, between requests or to rebuild a cache, so that a pass and its
+    rollback never wait for the device to hand its input back."""
+
+    def __init__(self):
+        self.known: list[int] = []
+        self.unread: list[torch.Tensor] = []
+        self.length = 0
+
+    def extend(self, ids: list[int] | torch.Tensor) -> None:
+        if torch.is_tensor(ids):
+            self.unread.append(ids)
+        else:
+            self.read().extend(ids)
+        self.length += len(ids)
+
+    def truncate(self, length: int) -> None:
+        if length >= self.length:
+            return
+        del self.known[length:]
+        room, kept = length - len(self.known), []
+        for ids in self.unread:
+            if room > 0:
+                kept.append(ids[:room])
+                room -= len(kept[-1])
+        self.unread, self.length = kept, length
+
+    def read(self) -> list[int]:
+        if self.unread:
+            self.known += torch.cat([ids.to(self.unread[0].device) for ids in self.unread]).tolist()
+            self.unread.clear()
+        return self.known
+
+
 class Target:
     def __init__(self, model, tokenizer, name: str, cpu_linear: dict | None = None):
         self.model = model.eval()
@@ -117,9 +152,9 @@ class Target:
             # crop once the sequence is longer than the window; recording each pass's states until the
             # next crop lets the rejected drafts of a verify pass be dropped.
             self.cache.activate_past_recording()
-            self.cached_ids: list[int] = []
+            self.log = TokenLog()
             return
-        drop = len(self.cached_ids) - length
+        drop = self.log.length - length
         if drop > 0 and not self._sliding_layers_reach_back(drop):
             # Further back than a sliding window still holds (a new turn that edits older text): rebuild.
             kept = self.cached_ids[:length]
@@ -127,11 +162,15 @@ class Target:
             self.forward(kept, last_only=True)
         elif drop > 0:
             self.cache.crop(-drop)
-            del self.cached_ids[length:]
+            self.log.truncate(length)
+
+    @property
+    def cached_ids(self) -> list[int]:
+        return self.log.read()
 
     def _sliding_layers_reach_back(self, drop: int) -> bool:
         """Whether every sliding-window layer holds the window that ends `drop` positions before the end."""
-        total = len(self.cached_ids)
+        total = self.log.length
         for layer in self.cache.layers:
             window = getattr(layer, "sliding_window", None)
             if window and layer.is_initialized and layer.keys.shape[-2] < min(window - 1, total - drop) + drop:
@@ -140,19 +179,19 @@ class Target:
 
     @torch.inference_mode()
     def forward(
-        self, ids: list[int], feature_layers: tuple[int, ...] = (), last_only: bool = False, feature_device=None
+        self, ids: list[int] | torch.Tensor, feature_layers: tuple[int, ...] = (), last_only: bool = False, feature_device=None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run ids after the cached ones. Returns logits [n or 1, V] and, if asked, the hidden states at
-        feature_layers concatenated per position [n, len(layers) * d] (layer i is the output of decoder
-        layer i, -1 the embeddings)."""
+        """Run ids (a list, or a tensor on the device) after the cached ones. Returns logits [n or 1, V] and,
+        if asked, the hidden states at feature_layers concatenated per position [n, len(layers) * d]
+        (layer i is the output of decoder layer i, -1 the embeddings)."""
         out = self.model(
-            input_ids=torch.tensor([ids], device=self.device),
+            input_ids=device_ids(ids, self.device)[None],
             **{self._cache_argument: self.cache},
             use_cache=True,
             output_hidden_states=bool(feature_layers),
             logits_to_keep=1 if last_only else 0,
         )
-        self.cached_ids.extend(ids)
+        self.log.extend(ids)
         features = None
         if feature_layers:
             device = feature_device or out.hidden_states[-1].device
@@ -168,3 +207,9 @@ def _stop_ids(model, tokenizer) -> tuple[int, ...]:
             if i is not None and i not in ids:
                 ids.append(int(i))
     return tuple(ids)
+
+
+def device_ids(ids: list[int] | torch.Tensor, device) -> torch.Tensor:
+    """Token ids as a tensor on the device. A host list is copied without waiting for the device (a
+    blocking copy would wait for every queued kernel first); a small copy is staged by the driver."""
+    return (ids if torch.is_tensor(ids) else torch.tensor(ids)).to(device, non_blocking=True)

@@ -200,3 +200,15 @@ def make_tiny_pair(folder: Path, tokenizer, vocab_size: int = 512, block_size: i
     save_file({k: v.contiguous() for k, v in drafter.state_dict().items()}, drafter_dir / "model.safetensors")
     (drafter_dir / "config.json").write_text(json.dumps(config.to_dict() | drafter_fields))
     return target_dir, drafter_dir
+
+
+@pytest.fixture(scope="session")
+def compiled_tiny(tiny_target):
+    """The tiny target with compiled passes, up to prompt lookup's 11 tokens and with the reference
+    drafters' layers, compiled once per session (inductor's cache lives in the suite's cache folder)."""
+    from dspark_chat.engine.compiled import CompiledTarget, compile_target
+    from dspark_chat.engine.loading import cache_dir
+
+    compiled = compile_target(tiny_target, 11, (0, 2), cache_dir())
+    assert isinstance(compiled, CompiledTarget)
+    return compiled

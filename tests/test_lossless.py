@@ -215,7 +215,7 @@ def broken_rule(target_probs, draft_ids, draft_probs, generator=None):
         return accept_sampled(target_probs, draft_ids, draft_probs, generator)
     p = target_probs[:n].gather(-1, draft_ids[:, None]).squeeze(-1)
     q = draft_probs.gather(-1, draft_ids[:, None]).squeeze(-1)
-    accepted = int((torch.rand(n, generator=generator) * q < p).cumprod(0).sum())
+    accepted = (torch.rand(n, generator=generator) * q < p).cumprod(0).sum()
     return accepted, sample(target_probs[accepted], generator)
 
 

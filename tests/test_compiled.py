@@ -1,0 +1,142 @@
+"""Compiled passes (engine/compiled.py): the same logits as transformers, the same losslessness as the
+eager loop, refusals with a reason, and a failed compilation that leaves the target eager."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from dspark_chat.engine import compiled as compiled_module
+from dspark_chat.engine.compiled import CompiledTarget, compile_target, key_length, refusal
+from dspark_chat.engine.decode import decode
+from dspark_chat.engine.divergence import explain_divergence
+from dspark_chat.engine.loading import cache_dir, load_drafter
+from dspark_chat.engine.prompt_lookup import LookupOrDraft, PromptLookupDrafter
+from dspark_chat.engine.sampling import Sampling
+from dspark_chat.engine.scheduler import Scheduler
+from dspark_chat.engine.target import Target
+
+from .conftest import DATA, REFERENCE, Forcing
+from .test_lossless import generated, prompts
+
+
+def tiny_llama(tokenizer) -> Target:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=6,
+                         num_key_value_heads=2, max_position_embeddings=256, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                         tie_word_embeddings=True)
+    return Target(LlamaForCausalLM(config), tokenizer, "tiny-llama")
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_the_static_forward_gives_transformers_logits_and_features(family, tiny_target, tokenizer, reference):
+    eager = tiny_target if family == "qwen3" else tiny_llama(tokenizer)
+    static = CompiledTarget(eager.model, tokenizer, eager.name, max_width=8, feature_layers=(-1, 0, 2))
+    ids = [t for prompt in reference["prompts"] for t in prompt][:40]
+    for target in (eager, static):
+        target.rewind(0)
+        target.forward(ids[:30], last_only=True)
+    # A verify pass, a rollback past part of it, and a pass again: the cache is a length change.
+    for length, step in ((30, ids[30:36]), (33, ids[33:40])):
+        outputs = []
+        for target in (eager, static):
+            target.rewind(length)
+            outputs.append(target.forward(step, (2, -1)))
+        torch.testing.assert_close(outputs[1][0], outputs[0][0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(outputs[1][1], outputs[0][1], atol=1e-4, rtol=1e-4)
+    assert static.cached_ids == eager.cached_ids == ids[:40]
+
+
+def test_targets_it_does_not_reproduce_are_refused_with_the_reason(tiny_target_dir, tiny_target, capsys):
+    with torch.device("meta"):
+        gemma = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(DATA / "deepspec_reference_gemma4" / "target"))
+        sliding = AutoConfig.from_pretrained(tiny_target_dir)
+        sliding.layer_types = ["sliding_attention", "full_attention"] * 2
+        windowed = AutoModelForCausalLM.from_config(sliding)
+    assert "Gemma" in refusal(gemma) and "sliding windows" in refusal(gemma)
+    assert "sliding-window or recurrent layers" in refusal(windowed)
+    assert refusal(tiny_target.model) is None
+    head = tiny_target.model.lm_head
+    head._hf_hook = object()  # what accelerate's dispatch leaves on a split model's modules
+    try:
+        assert "split over devices by accelerate" in refusal(tiny_target.model)
+        assert compile_target(tiny_target, 8, (), cache_dir()) is tiny_target
+    finally:
+        del head._hf_hook
+    warning = capsys.readouterr().err.strip()
+    assert warning.count("\n") == 0 and warning.startswith("warning:") and "runs eagerly" in warning
+
+
+def test_a_failed_compilation_leaves_the_target_eager_with_a_one_line_warning(tiny_target, monkeypatch, capsys):
+    def fail(self):
+        raise RuntimeError("Compiler: cc is not found.\nmore detail")
+
+    monkeypatch.setattr(CompiledTarget, "compile", fail)
+    assert compile_target(tiny_target, 8, (0, 2), cache_dir()) is tiny_target
+    assert capsys.readouterr().err == f"warning: {tiny_target.name} runs eagerly: compiling failed (RuntimeError: Compiler: cc is not found.)\n"
+
+
+def test_the_start_says_first_start_or_cached_with_the_time_it_took(tiny_target, monkeypatch, tmp_path):
+    monkeypatch.setattr(CompiledTarget, "compile", lambda self: None)
+    said = []
+    compile_target(tiny_target, 8, (0, 2), tmp_path, said.append)
+    assert said[-1] == f"first start on this machine, about {compiled_module.FIRST_COMPILE_GUESS[0] * 4:.0f} s"
+    compile_target(tiny_target, 8, (0, 2), tmp_path, said.append)
+    assert said[-1].startswith("cached on this machine, about ")
+    # Another model on the same machine: its first start is estimated from this one, per layer.
+    timings = next(tmp_path.glob("compile/*/seconds.json"))
+    entry = next(iter(json.loads(timings.read_text()).values()))
+    compile_target(tiny_target, 8, (0,), tmp_path, said.append)
+    assert said[-1] == f"first start on this machine, about {entry['first'] / entry['layers'] * 4:.0f} s"
+
+
+def test_attended_lengths_come_in_few_sizes_on_cuda():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [key_length(n, cpu) for n in (1, 64, 65, 1000)] == [64, 64, 128, 1024]
+    sizes = {key_length(n, cuda) for n in range(1, 40961)}
+    assert min(sizes) == 256 and max(sizes) >= 40960 and len(sizes) <= 2 * 8 + 2
+    assert all(key_length(n, cuda) >= n and key_length(n, cuda) <= max(256, 1.5 * n) for n in range(1, 40961, 97))
+
+
+@pytest.mark.parametrize("mode", ["off", "threshold", "auto"])
+@pytest.mark.parametrize("variant", ["dspark", "dspark_rnn", "dflash", "prompt_lookup", "dspark+lookup"])
+def test_compiled_greedy_speculation_equals_compiled_plain_decoding(variant, mode, compiled_tiny, reference):
+    target = compiled_tiny
+    drafter = None if variant == "prompt_lookup" else load_drafter(str(REFERENCE / variant.removesuffix("+lookup")), target)
+    if variant == "prompt_lookup":
+        drafter = PromptLookupDrafter()
+    elif variant.endswith("+lookup"):
+        drafter = LookupOrDraft(drafter, PromptLookupDrafter(block_size=10, min_match=2))
+    sps = [100.0, 95.0, 90.0, 80.0, 75.0, 70.0, 66.0, 60.0, 58.0, 55.0, 52.0]
+    scheduler = Scheduler(mode=mode, threshold=0.6, sps=sps)
+    for prompt in prompts(reference):
+        baseline = generated(target, None, prompt)
+        assert generated(target, drafter, prompt, scheduler) == baseline
+        if variant in ("dspark", "dflash"):
+            # Rounds that accept 0..7 drafts: every rollback length of the compiled cache.
+            forcing = Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 7, 0, 5, 1, 6, 2, 4])
+            assert generated(target, forcing, prompt, scheduler) == baseline
+
+
+def test_compiled_plain_decoding_parts_from_eager_only_at_near_ties(compiled_tiny, tiny_target, reference):
+    for prompt in prompts(reference):
+        eager, compiled = generated(tiny_target, None, prompt, max_new_tokens=60), generated(compiled_tiny, None, prompt, max_new_tokens=60)
+        divergence = explain_divergence(tiny_target, prompt, eager, compiled)
+        assert divergence is None or divergence.near_tie, divergence.describe()
+
+
+def test_compiled_cache_after_many_rounds_equals_a_fresh_prefill(compiled_tiny, reference):
+    drafter = load_drafter(str(REFERENCE / "dspark"), compiled_tiny)
+    prompt = reference["prompts"][1]
+    greedy = generated(compiled_tiny, None, prompt, max_new_tokens=60)
+    compiled_tiny.rewind(0)
+    forcing = Forcing(drafter, len(prompt), greedy + [0] * 8, [3, 7, 0, 5, 1, 6, 2, 4])
+    ids = prompt + [t for s in decode(compiled_tiny, forcing, prompt, Sampling(), 60) for t in s.token_ids]
+    assert compiled_tiny.cached_ids == ids[:-1]
+    cached, _ = compiled_tiny.forward(ids[-1:])
+    fresh = compiled_tiny.model(input_ids=torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(cached[-1], fresh, atol=1e-4, rtol=1e-4)
