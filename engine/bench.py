@@ -3,6 +3,7 @@ that drift in machine speed touches every mode alike."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .compiled import compile_target, wants_compile
+from .compiled import CompiledTarget, compile_drafter, compile_target, wants_compile
 from .cpu_linear import cpuinfo
 from .decode import Drafter
 from .divergence import explain_divergence
@@ -134,10 +135,24 @@ def build_modes(engine: Engine, names: list[str], prompt_lookup_tokens: int, ass
 COMPILED = "/compiled"
 
 
-def compiled_modes(modes: list[Mode], target: Target, sps: list[float] | None, both: bool) -> list[Mode]:
+def compiled_modes(modes: list[Mode], target: CompiledTarget, sps: list[float] | None, both: bool) -> list[Mode]:
     """Each engine mode run on the compiled target as MODE/compiled, beside its eager self when `both`
-    (transformers and llama.cpp modes run as they are). A compiled mode's greedy output must equal the
-    compiled baseline's; the compiled baseline may part from the eager one at near-ties only."""
+    (transformers and llama.cpp modes run as they are), with its DSpark drafter compiled where it can be
+    (a twin sharing its weights, so that the eager mode keeps the eager drafter). A compiled mode's greedy
+    output must equal the compiled baseline's; the compiled baseline may part from the eager one at
+    near-ties only."""
+    twins: dict[int, DSparkDrafter] = {}
+
+    def compiled_drafter(drafter):
+        if isinstance(drafter, LookupOrDraft):
+            return LookupOrDraft(compiled_drafter(drafter.drafter), drafter.lookup)
+        if not isinstance(drafter, DSparkDrafter):
+            return drafter
+        if id(drafter) not in twins:
+            twins[id(drafter)] = twin = copy.copy(drafter)  # shares the modules, keeps its own context
+            compile_drafter(twin, target.max_length)
+        return twins[id(drafter)]
+
     out = []
     for mode in modes:
         engine_mode = mode.hf_options is None and mode.llama is None
@@ -145,8 +160,8 @@ def compiled_modes(modes: list[Mode], target: Target, sps: list[float] | None, b
             out.append(mode)
         if engine_mode:
             reference = BASELINE if mode.name == BASELINE else BASELINE + COMPILED
-            out.append(replace(mode, name=mode.name + COMPILED, target=target, sps=sps, reference=reference,
-                               eager=mode.name if both else None))
+            out.append(replace(mode, name=mode.name + COMPILED, drafter=compiled_drafter(mode.drafter), target=target,
+                               sps=sps, reference=reference, eager=mode.name if both else None))
     return out
 
 

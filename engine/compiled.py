@@ -298,3 +298,19 @@ def compile_target(target: Target, max_width: int, feature_layers: tuple[int, ..
     tmp.write_text(json.dumps(seconds))
     tmp.replace(timings)
     return compiled
+
+
+def compile_drafter(drafter, positions: int) -> None:
+    """Compile a DSpark drafter's greedy block (the drafter of a LookupOrDraft too), with room for `positions`
+    of context. One that cannot be compiled (int8 on a CPU) stays eager: a note says why."""
+    from .dspark import DSparkDrafter
+
+    inner = getattr(drafter, "drafter", drafter)
+    if not isinstance(inner, DSparkDrafter):
+        return
+    try:
+        inner.compile(positions)
+    except Exception as e:
+        inner.compiled = None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"note: the drafter is not compiled: {reason[:200]}", file=sys.stderr)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .catalog import shipped_drafter
-from .compiled import CompiledTarget, compile_target, verify_width, wants_compile
+from .compiled import CompiledTarget, compile_drafter, compile_target, verify_width, wants_compile
 from .decode import Drafter, Step, decode
 from .dspark import DSparkDrafter
 from .loading import LoadError, cache_dir, load_drafter, load_target, model_dir
@@ -66,6 +66,8 @@ class Engine:
             loaded.max_length = min(loaded.max_length, max_length)
         if wants_compile(compile, loaded.device):
             loaded = compile_target(loaded, verify_width(draft), draft.feature_layers if draft else (), cache_dir(), announce)
+            if isinstance(loaded, CompiledTarget):
+                compile_drafter(draft, loaded.max_length)
         engine = cls(loaded, draft, plan)
         if scheduler == "auto":
             engine.scheduler_for("auto")  # profile now, at start-up, rather than in the first request
@@ -131,4 +133,4 @@ def folder_calibration(folder: Path) -> list[float] | None:
 
 
 def _block(drafter: DSparkDrafter) -> str:
-    return f"block {drafter.block_size}" + (" in int8" if drafter.int8 else "")
+    return f"block {drafter.block_size}" + (" in int8" if drafter.int8 else "") + (", compiled" if drafter.compiled else "")

@@ -194,6 +194,23 @@ def test_start_error(snap_compare, tmp_path, monkeypatch):
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
 
+def test_start_says_the_engine_is_compiling_and_for_how_long(tmp_path, monkeypatch):
+    """A first start with --compile: the engine's /health says so, with its estimate, and the screen shows it."""
+    compiling = {"status": "compiling", "message": "first start on this machine, about 150 s", "progress": None}
+    monkeypatch.setattr(tui, "EngineProcess", FakeProcess)
+    monkeypatch.setattr(tui, "EngineClient", scripted_client([compiling]))
+    app = DSparkChat(catalog_rows=ROWS, history=History(tmp_path))
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("down", "enter")
+            await until(pilot, lambda: isinstance(app.screen, StartScreen) and text(pilot, "#state").startswith("compiling"),
+                        "the compiling state")
+            assert text(pilot, "#state") == "compiling: first start on this machine, about 150 s"
+
+    asyncio.run(run())
+
+
 # ---------------------------------------------------------------- chatting
 
 
