@@ -89,7 +89,7 @@ def key_length(tokens: int, device: torch.device) -> int:
     """How far attention reads the cache for a pass that ends at `tokens` positions. On CUDA each length
     is a CUDA graph of its own, so lengths come in two sizes per doubling (at most 1.5x what is needed)."""
     if device.type != "cuda":
-        return -(-tokens // CPU_KEY_STEP) * CPU_KEY_STEP
+        return -(-max(tokens, 1) // CPU_KEY_STEP) * CPU_KEY_STEP
     size = 256
     while size < tokens:
         size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
@@ -181,7 +181,9 @@ class CompiledTarget(Target):
             width = max(count, 2)
             padded = F.pad(tokens, (0, width - count))
             keys = self.positions[: key_length(start + width, self.device)]
-            logits, features = self._run_compiled(padded, self.positions[start : start + width], keys)
+            # A copy, not a view: dynamo would specialise on a view's offset, compiling again at every start.
+            positions = self.positions[start : start + width].clone()
+            logits, features = self._run_compiled(padded, positions, keys)
             logits, features = logits[:count], features[:count]
         self.length = start + count
         self.log.extend(ids)

@@ -66,7 +66,7 @@ class DraftAttention(nn.Module):
 
 def block_mask(visible: torch.Tensor | None, block: int) -> torch.Tensor | None:
     """The keys a block's queries see: the visible context positions, then the whole block."""
-    return None if visible is None else torch.cat([visible, visible.new_ones(block)])
+    return None if visible is None else torch.cat([visible, visible.new_ones(block)])[None]
 
 
 class DraftLayer(nn.Module):
@@ -367,7 +367,8 @@ class DSparkDrafter(nn.Module):
         torch._dynamo.mark_dynamic(visible, 0)
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-        tokens, confidence = self.compiled(x, cos, sin, visible, anchor)
+        # Copies, not views: dynamo would specialise on a view's offset, which moves every round.
+        tokens, confidence = self.compiled(x, cos.clone(), sin.clone(), visible, anchor.clone())
         # A CUDA graph's outputs are overwritten by its next replay: the loop reads them within the round,
         # but a proposal may outlive it (a test's record of drafts), so it gets copies.
         return Proposal(tokens.clone(), None, None if confidence is None else confidence.clone())

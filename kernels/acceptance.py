@@ -22,7 +22,8 @@ def accept_greedy(target_logits: torch.Tensor, draft_ids: torch.Tensor) -> tuple
     best = target_logits.argmax(-1)
     n = draft_ids.shape[0]
     accepted = (draft_ids == best[:n]).cumprod(0).sum()
-    return accepted, best[accepted]
+    # Indexed by a one-element tensor: a 0-d one would be read back as a Python int, waiting for the device.
+    return accepted, best[accepted.view(1)].view(())
 
 
 def accept_sampled(

@@ -96,14 +96,14 @@ def test_the_start_says_first_start_or_cached_with_the_time_it_took(tiny_target,
 
 def test_attended_lengths_come_in_few_sizes_on_cuda():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert [key_length(n, cpu) for n in (1, 64, 65, 1000)] == [64, 64, 128, 1024]
+    assert [key_length(n, cpu) for n in (0, 1, 64, 65, 1000)] == [64, 64, 64, 128, 1024]
     sizes = {key_length(n, cuda) for n in range(1, 40961)}
     assert min(sizes) == 256 and max(sizes) >= 40960 and len(sizes) <= 2 * 8 + 2
     assert all(key_length(n, cuda) >= n and key_length(n, cuda) <= max(256, 1.5 * n) for n in range(1, 40961, 97))
 
 
-@pytest.mark.parametrize("mode", ["off", "threshold", "auto"])
-@pytest.mark.parametrize("variant", ["dspark", "dspark_rnn", "dflash", "prompt_lookup", "dspark+lookup"])
+@pytest.mark.parametrize("variant,mode", [("dspark", "off"), ("dspark", "threshold"), ("dspark", "auto"), ("dspark_rnn", "auto"),
+                                          ("dflash", "off"), ("dflash", "auto"), ("prompt_lookup", "auto"), ("dspark+lookup", "auto")])
 def test_compiled_greedy_speculation_equals_compiled_plain_decoding(variant, mode, compiled_tiny, reference):
     target = compiled_tiny
     drafter = None if variant == "prompt_lookup" else load_drafter(str(REFERENCE / variant.removesuffix("+lookup")), target)
@@ -140,3 +140,81 @@ def test_compiled_cache_after_many_rounds_equals_a_fresh_prefill(compiled_tiny, 
     cached, _ = compiled_tiny.forward(ids[-1:])
     fresh = compiled_tiny.model(input_ids=torch.tensor([ids])).logits[0, -1]
     torch.testing.assert_close(cached[-1], fresh, atol=1e-4, rtol=1e-4)
+
+
+def test_one_graph_serves_every_width_position_and_attended_length(compiled_tiny):
+    """After the warm-up, passes of every width at every position (past a first attended length of 64) run the
+    graph compiled then: compiling again would raise here, and the target would have switched to eager."""
+    import torch._dynamo
+
+    ids = [(i * 37) % 500 + 4 for i in range(160)]
+    compiled_tiny.rewind(0)
+    compiled_tiny.forward(ids[:5], last_only=True)
+    at = 5
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for width in [1, 2, 3, 5, 8, 11, 1, 4, 7] * 4:
+            compiled_tiny.forward(ids[at : at + width])
+            compiled_tiny.rewind(at + width // 2)  # a verify pass that kept half its drafts
+            at += width // 2
+    assert at > 64 and compiled_tiny.compiled is not None
+
+
+@pytest.mark.parametrize("variant", ["dspark", "dflash"])
+def test_a_compiled_float_drafter_drafts_losslessly_without_compiling_again(variant, compiled_tiny, reference):
+    import torch._dynamo
+
+    from dspark_chat.engine.compiled import compile_drafter
+
+    drafter = load_drafter(str(REFERENCE / variant), compiled_tiny, int8=False)
+    compile_drafter(drafter, compiled_tiny.max_length)
+    assert drafter.compiled is not None
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for prompt in prompts(reference):
+            baseline = generated(compiled_tiny, None, prompt)
+            assert generated(compiled_tiny, drafter, prompt, Scheduler(mode="off")) == baseline
+            forcing = Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 7, 0, 5, 1, 6, 2, 4])
+            assert generated(compiled_tiny, forcing, prompt) == baseline
+    int8 = load_drafter(str(REFERENCE / variant), compiled_tiny)
+    compile_drafter(int8, compiled_tiny.max_length)  # refused, with a note: it stays eager
+    assert int8.compiled is None
+
+
+SMOLLM2_PROMPTS = [
+    "Rename the function to add_numbers and keep everything else the same:\ndef sum_two(a, b):\n    return a + b\n",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did she sell altogether?",
+]
+SMOLLM2_SPS = [47.8, 45.2, 43.7, 44.2, 41.8, 40.8, 35.6, 37.2, 35.2, 34.5, 33.8]  # the 2-core CPU's profile, B = 1..11
+
+
+@pytest.fixture(scope="module")
+def compiled_smollm2(smollm2):
+    from dspark_chat.engine.catalog import shipped_drafter
+
+    drafter = load_drafter(shipped_drafter("smollm2"), smollm2, int8=False)
+    target = compile_target(smollm2, 11, drafter.feature_layers, cache_dir())
+    assert isinstance(target, CompiledTarget)
+    from dspark_chat.engine.compiled import compile_drafter
+
+    compile_drafter(drafter, target.max_length)
+    assert drafter.compiled is not None
+    return target, drafter
+
+
+@pytest.mark.slow
+def test_compiled_smollm2_speculation_equals_its_own_plain_decoding(compiled_smollm2, smollm2):
+    """The real model in float32: every drafter kind under every scheduler mode gives the compiled target's own
+    greedy text, and that text parts from the eager target's only at near-ties."""
+    from dspark_chat.engine.engine import Engine
+
+    target, drafter = compiled_smollm2
+    kinds = {"drafter": drafter, "prompt lookup": PromptLookupDrafter(), "drafter + lookup": LookupOrDraft(drafter)}
+    for text in SMOLLM2_PROMPTS:
+        prompt = Engine(target).chat_ids([{"role": "user", "content": text}])
+        plain = generated(target, None, prompt, max_new_tokens=64)
+        eager = generated(smollm2, None, prompt, max_new_tokens=64)
+        divergence = explain_divergence(smollm2, prompt, eager, plain)
+        assert divergence is None or divergence.near_tie, divergence.describe()
+        for name, kind in kinds.items():
+            for mode in ("off", "threshold", "auto"):
+                scheduler = Scheduler(mode=mode, sps=SMOLLM2_SPS)
+                assert generated(target, kind, prompt, scheduler, max_new_tokens=64) == plain, (name, mode)

@@ -345,3 +345,33 @@ def test_to_probs_applies_top_k_and_top_p():
     kept = to_probs(logits, 1.0, top_p=0.8)
     # The smallest set whose mass reaches 0.8 is the first two tokens (0.64 + 0.24).
     assert (kept[2:] == 0).all() and torch.allclose(kept[:2], full[:2] / full[:2].sum())
+
+
+@pytest.fixture(scope="module")
+def compiled_pair(tmp_path_factory, tokenizer):
+    """The four-token tiny pair of the sampling tests with the target's passes compiled (once per module)."""
+    from dspark_chat.engine.compiled import compile_target
+    from dspark_chat.engine.loading import cache_dir
+
+    target_dir, drafter_dir = make_tiny_pair(tmp_path_factory.mktemp("pair"), tokenizer, vocab_size=4, block_size=4,
+                                             markov_rank=4, std=0.8)
+    eager = load_target(str(target_dir), "float32", "cpu")
+    drafter = load_drafter(str(drafter_dir), eager)
+    compiled = compile_target(eager, 5, drafter.feature_layers, cache_dir())
+    compiled.stop_ids = ()  # with four tokens, the end-of-text id 2 would cut sequences short
+    return compiled, drafter
+
+
+@pytest.mark.parametrize("sampling", [Sampling(1.0), Sampling(0.7, top_k=3)], ids=["t1", "t0.7-topk3"])
+@pytest.mark.parametrize("lookup", [False, True], ids=["drafter", "lookup-or-drafter"])
+def test_compiled_speculative_sampling_matches_target_distribution(sampling, lookup, compiled_pair):
+    from dspark_chat.engine.compiled import CompiledTarget
+
+    target, drafter = compiled_pair
+    assert isinstance(target, CompiledTarget)
+    if lookup:
+        drafter = LookupOrDraft(drafter, PromptLookupDrafter(block_size=4, min_match=2))
+    prefix, length, runs = [1, 3, 0, 1, 3], 3, 1000
+    exact = exact_distribution(target, prefix, length, sampling)
+    counts = sampled_counts(target, drafter, prefix, length, sampling, runs)
+    assert chi_square_pvalue(counts, exact, runs) > 1e-3

@@ -25,14 +25,14 @@ SETTLE_S = 30  # bound on waiting for the metrics to show a cancellation
 
 
 class Server:
-    def __init__(self, target: Path, *options: str, api_key: str | None = None):
+    def __init__(self, target: Path, *options: str, api_key: str | None = None, env: dict | None = None):
         args = [sys.executable, "-m", "dspark_chat.engine", "serve", "--target", str(target), "--port", "0", "--dtype", "float32", "--device", "cpu", *options]
         if api_key:
             args += ["--api-key", api_key]
         self.name, self.key = str(target), api_key
         self.stderr = open(os.devnull, "w")
         # One torch thread: the tiny model gains nothing from more, and a shared 2-core machine stays responsive.
-        env = os.environ | {"OMP_NUM_THREADS": "1"}
+        env = os.environ | {"OMP_NUM_THREADS": "1"} | (env or {})
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
         line = _readline(self.proc, WAIT_S)
         self.listening = json.loads(line)
@@ -365,3 +365,16 @@ def test_max_model_len_bounds_the_prompts_and_the_cache(tiny_target_dir):
     assert engine.target.max_length == 100 and engine.target.cached_ids == []
     layers = engine.target.cache.layers
     assert layers and all(isinstance(layer, GrowingLayer) and layer.limit == 100 for layer in layers)
+
+
+def test_a_compilation_that_fails_is_reported_then_the_server_serves_eagerly(tiny_target_dir):
+    """--compile on a machine without a C++ compiler: /health says it is compiling and for how long, then the
+    engine warns and serves the eager target."""
+    s = Server(tiny_target_dir, "--compile", "on", env={"CXX": "/nonexistent/g++"})
+    try:
+        assert s.states[0] in ("loading", "compiling") and "compiling" in s.states and s.states[-1] == "ready"
+        health = s.http.get("/health").json()
+        assert "compiled" not in health["engine"]
+        assert s.chat({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).status_code == 200
+    finally:
+        s.close()
