@@ -218,3 +218,22 @@ def test_compiled_smollm2_speculation_equals_its_own_plain_decoding(compiled_smo
             for mode in ("off", "threshold", "auto"):
                 scheduler = Scheduler(mode=mode, sps=SMOLLM2_SPS)
                 assert generated(target, kind, prompt, scheduler, max_new_tokens=64) == plain, (name, mode)
+
+
+@pytest.mark.slow  # compiles a target and a drafter in a fresh process: about a minute
+def test_the_gpu_check_runs_end_to_end_at_small_shapes_on_the_cpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "bench" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script), "--small", "--device", "cpu", "--tokens", "12", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split() == ["eager", "compiled"])
+    rows = {line[:34].strip(): line[34:].split() for line in lines[header + 1 :] if line.strip()}
+    expected = ([f"pass B={b} (ms)" for b in range(1, 9)] + ["drafter block (ms)", "plain decode (tok/s)"]
+                + [f"{k} drafts accepted (tok/s)" for k in range(8)])
+    for label in expected:
+        assert len(rows[label]) == 2 and all(float(v) > 0 for v in rows[label]), label
