@@ -137,7 +137,7 @@ class EngineClient:
             raise EngineError(f"{self.url}/v1/models answered {r.status_code} without a model: is it an OpenAI-compatible server?") from None
 
     async def wait_ready(self, on_state: Callable[[dict], None], process: EngineProcess | None = None, poll_s: float = 0.2) -> dict:
-        """Poll /health until the model is loaded; each state goes to on_state (downloading, loading, profiling)."""
+        """Poll /health until the model is loaded; each state goes to on_state (downloading, loading, with the start-up phases so far)."""
         while True:
             if process is not None and process.returncode is not None:
                 raise EngineError(process.failure())

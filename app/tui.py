@@ -15,7 +15,7 @@ from pathlib import Path
 
 import platformdirs
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -192,13 +192,14 @@ class StartScreen(Screen):
         with Vertical(id="start"):
             yield Static(f"Starting {self.pair}" if self.pair else f"Connecting to {self.url}", id="title")
             yield Static("starting the engine process…", id="state")
+            yield Static("", id="phases")
             yield ProgressBar(total=None, show_eta=False, id="download")
             yield Static("", id="bytes")
             yield Static("", id="error")
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#download").display = False
+        self.query_one("#download").display = self.query_one("#phases").display = False
         self.start()
 
     @work(exclusive=True)
@@ -228,9 +229,13 @@ class StartScreen(Screen):
 
     def show_state(self, health: dict) -> None:
         status, message, progress = health["status"], health.get("message"), health.get("progress")
-        words = {"downloading": "downloading", "loading": "loading the model", "profiling": "measuring verify speed",
-                 "ready": "ready"}.get(status, status)
+        words = {"downloading": "downloading", "loading": "loading the model", "ready": "ready"}.get(status, status)
         self.query_one("#state", Static).update(Text(f"{words}" + (f": {message}" if message else "")))
+        # Our engine's start-up so far, each part with its time (the running one last, still counting).
+        phases = health.get("phases") or []
+        widget = self.query_one("#phases", Static)
+        widget.display = bool(phases)
+        widget.update(Text("\n".join(f"{p['seconds']:6.1f} s  {p['name']}" + ("" if p["done"] else " …") for p in phases)))
         bar = self.query_one("#download", ProgressBar)
         bar.display = bool(progress)
         if not progress:
@@ -261,21 +266,39 @@ class StartScreen(Screen):
 
 
 class ChatInput(TextArea):
-    """Enter sends; ctrl+j adds a line (terminals send the same key for enter and shift+enter)."""
+    """Enter sends; ctrl+j adds a line (terminals send the same key for enter and shift+enter).
 
-    BINDINGS = [Binding("enter", "submit", "Send", priority=True), Binding("ctrl+j", "newline", "New line")]
+    Both keys are handled here, in the order keys reach the input, not by bindings: the App runs a priority
+    binding as the key arrives, before the characters queued ahead of it have reached the input, and a plain
+    one after the key has passed the input, when keys typed after it may be in. So a prompt typed or pasted
+    and sent in one burst arrives whole. The input empties as it sends: keys after Enter start the next prompt."""
+
+    BINDINGS = [Binding("enter", "submit", "Send"), Binding("ctrl+j", "newline", "New line")]  # for the footer
 
     class Submitted(Message):
         def __init__(self, text: str):
             super().__init__()
             self.text = text
 
+    async def _on_key(self, event: events.Key) -> None:
+        action = {"enter": self.action_submit, "ctrl+j": self.action_newline}.get(event.key)
+        if action is not None:
+            event.stop()
+            event.prevent_default()  # TextArea's own handler would insert a line for enter
+            action()
+
     def action_submit(self) -> None:
-        if self.text.strip():
-            self.post_message(self.Submitted(self.text.strip()))
+        text = self.text.strip()
+        if text:
+            self.clear()
+            self.post_message(self.Submitted(text))
 
     def action_newline(self) -> None:
         self.insert("\n")
+
+    def give_back(self, text: str) -> None:
+        """A prompt that could not be sent goes back in front of whatever was typed since."""
+        self.insert(text + ("\n" if self.text else ""), (0, 0))
 
 
 class Answer(Vertical):
@@ -394,13 +417,13 @@ class ChatScreen(Screen):
 
     @on(ChatInput.Submitted)
     async def send(self, message: ChatInput.Submitted) -> None:
-        if self.generating:
-            self.notify("Still answering: press escape to stop it first.", severity="warning")
+        if self.generating or self.app.engine_down:
+            self.query_one(ChatInput).give_back(message.text)
+            if self.generating:
+                self.notify("Still answering: press escape to stop it first.", severity="warning")
+            else:
+                self.notify("The engine is not running: press F5 to restart it.", severity="error")
             return
-        if self.app.engine_down:
-            self.notify("The engine is not running: press F5 to restart it.", severity="error")
-            return
-        self.query_one(ChatInput).clear()
         self.conversation.messages.append({"role": "user", "content": message.text})
         self.save()  # the question survives a crash while it is being answered
         scroll = self.query_one("#messages", VerticalScroll)

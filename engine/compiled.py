@@ -114,6 +114,7 @@ class CompiledTarget(Target):
         self.built_layers = tuple(sorted(set(feature_layers)))
         self.buffers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self.compiled = None
+        self.warmed = False  # compile() ran its passes: from then on a failing pass falls back to eager
         super().__init__(model, tokenizer, name, cpu_linear)
         if max_length:
             self.max_length = min(self.max_length, max_length)
@@ -139,6 +140,7 @@ class CompiledTarget(Target):
             self.rewind(0)
             self.forward([0] * width, self.built_layers)
         self.rewind(0)
+        self.warmed = True
 
     def rewind(self, length: int) -> None:
         """Keep the cache for the first `length` tokens only: a length change."""
@@ -206,6 +208,8 @@ class CompiledTarget(Target):
             logits, features = self.compiled(tokens, positions, keys, False)
             return logits, features.clone()
         except Exception as e:  # a recompilation that fails mid-request: never crash, go on eagerly
+            if not self.warmed:
+                raise  # compile() fails: compile_target keeps the eager target, with its warning
             print(f"warning: a compiled pass failed ({type(e).__name__}); {self.name} runs eagerly from now on",
                   file=sys.stderr)
             self.compiled = None
@@ -304,10 +308,16 @@ def compile_target(target: Target, max_width: int, feature_layers: tuple[int, ..
 
 def compile_drafter(drafter, positions: int) -> None:
     """Compile a DSpark drafter's greedy block (the drafter of a LookupOrDraft too), with room for `positions`
-    of context. One that cannot be compiled (int8 on a CPU) stays eager: a note says why."""
+    of context. One that cannot be compiled (int8 on a CPU) stays eager, and so does an Eagle3 drafter: a note
+    says why."""
     from .dspark import DSparkDrafter
+    from .eagle3 import Eagle3Drafter
 
     inner = getattr(drafter, "drafter", drafter)
+    if isinstance(inner, Eagle3Drafter):
+        print("note: the Eagle3 drafter runs eagerly beside the compiled target: its chain (a pass per draft over a "
+              "key/value cache of its own that grows) is not compiled", file=sys.stderr)
+        return
     if not isinstance(inner, DSparkDrafter):
         return
     try:

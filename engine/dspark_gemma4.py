@@ -29,10 +29,10 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 
 from .dspark import DSparkDrafter, _rope, block_mask
 
-REQUIRED = (
+TEXT_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "global_head_dim", "attention_k_eq_v", "hidden_activation", "rms_norm_eps",
-    "rope_parameters", "block_size", "mask_token_id", "target_layer_ids",
+    "rope_parameters",
 )
 # Fields a Gemma 4 text config may leave out (gemma4_unified has no MoE or per-layer-input fields).
 DEFAULTS = {
@@ -43,15 +43,18 @@ DEFAULTS = {
 ROPE_TYPES = ("default", "proportional")
 
 
-def gemma4_config(raw: dict) -> SimpleNamespace:
-    missing = [field for field in REQUIRED if field not in raw]
+def gemma4_config(raw: dict, model: str = "Gemma4DSparkModel",
+                  own_fields: tuple[str, ...] = ("block_size", "mask_token_id", "target_layer_ids")) -> SimpleNamespace:
+    """A drafter's config.json, written by DeepSpec as the target's Gemma 4 text config plus the drafter's
+    own fields; ValueError names what `model` (the architecture) needs and does not find or support."""
+    missing = [field for field in TEXT_FIELDS + own_fields if field not in raw]
     if missing:
-        raise ValueError(f"config.json lacks {', '.join(map(repr, missing))}, which Gemma4DSparkModel reads")
+        raise ValueError(f"config.json lacks {', '.join(map(repr, missing))}, which {model} reads")
     config = SimpleNamespace(**(DEFAULTS | {k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype", "dtype")}))
     if config.enable_moe_block:
-        raise ValueError("enable_moe_block is set, but Gemma4DSparkModel layers have no MoE block")
+        raise ValueError(f"enable_moe_block is set, but {model} layers have no MoE block")
     if config.hidden_size_per_layer_input:
-        raise ValueError("hidden_size_per_layer_input is set, but Gemma4DSparkModel layers have no per-layer inputs")
+        raise ValueError(f"hidden_size_per_layer_input is set, but {model} layers have no per-layer inputs")
     if config.attention_k_eq_v and not config.num_global_key_value_heads:
         raise ValueError("attention_k_eq_v is set without num_global_key_value_heads")
     rope = (config.rope_parameters or {}).get("full_attention")
@@ -108,15 +111,19 @@ class Gemma4DraftMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def mlp_size(config, index: int) -> int:
+    """DeepSpec builds transformers 5.10's Gemma4TextMLP with the drafter's own layer count, where a layer
+    is "KV-shared" (and double-wide) only if it is past num_hidden_layers - num_kv_shared_layers > 0."""
+    first_shared = config.num_hidden_layers - config.num_kv_shared_layers
+    wide = bool(config.use_double_wide_mlp) and index >= first_shared > 0
+    return config.intermediate_size * (2 if wide else 1)
+
+
 class Gemma4DraftLayer(nn.Module):
     def __init__(self, config, index: int):
         super().__init__()
-        # DeepSpec builds transformers 5.10's Gemma4TextMLP with the drafter's own layer count, where a
-        # layer is "KV-shared" (and double-wide) only if it is past num_hidden_layers - num_kv_shared_layers > 0.
-        first_shared = config.num_hidden_layers - config.num_kv_shared_layers
-        wide = bool(config.use_double_wide_mlp) and index >= first_shared > 0
         self.self_attn = Gemma4DraftAttention(config)
-        self.mlp = Gemma4DraftMLP(config, config.intermediate_size * (2 if wide else 1))
+        self.mlp = Gemma4DraftMLP(config, mlp_size(config, index))
         d, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = Gemma4RMSNorm(d, eps=eps)
         self.post_attention_layernorm = Gemma4RMSNorm(d, eps=eps)

@@ -4,24 +4,31 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .catalog import shipped_drafter
 from .compiled import CompiledTarget, compile_drafter, compile_target, verify_width, wants_compile
 from .decode import Drafter, Step, decode
 from .dspark import DSparkDrafter
+from .eagle3 import Eagle3Drafter
 from .loading import LoadError, cache_dir, load_drafter, load_target, model_dir
 from .prompt_lookup import LookupOrDraft, PromptLookupDrafter
 from .sampling import Sampling
-from .scheduler import Scheduler, load_calibration, sps_profile
+from .scheduler import Profile, Scheduler, cached_profile, load_calibration, measure_profile
 from .target import Target
 
 
 class Engine:
-    def __init__(self, target: Target, drafter: Drafter | None = None, scheduler: Scheduler | None = None):
+    def __init__(self, target: Target, drafter: Drafter | None = None, scheduler: Scheduler | None = None,
+                 wait_for_profile: bool = True):
         self.target = target
         self.drafter = drafter
         self.scheduler = scheduler or Scheduler(mode="off")
+        # The server never waits for the SPS profile: it decodes with the cached one, or verifies every draft
+        # until its worker has measured one between requests (measure_profile).
+        self.wait_for_profile = wait_for_profile
+        self.profile: Profile | None = None
+        self.profile_measured = False  # in this process
 
     @classmethod
     def load(
@@ -37,27 +44,28 @@ class Engine:
         default_drafter: bool = True,
         placement=None,
         float_drafter: bool = False,
-        measuring=None,
+        wait_for_profile: bool = True,
+        phase: Callable[[str], None] = lambda name: None,
         compile: str = "off",
         max_length: int | None = None,
-        announce=None,
     ) -> "Engine":
         """A drafter with prompt lookup copies where the context repeats itself and drafts with the model
         elsewhere (LookupOrDraft). With neither asked for, a target with a shipped drafter gets it with
         prompt lookup, the fastest way on code and maths and close to prompt lookup alone on chat
-        (README, "The shipped drafter"; `default_drafter=False` loads no drafter: plain decoding). On an x86
-        CPU the drafter runs in int8 unless `float_drafter` (load_drafter). `measuring` is called if the
-        target's CPU products get measured (a first start; load_target). `compile` is on, off or auto
-        (compiled.wants_compile); `announce` gets the line that says compiling started and how long it takes.
-        `max_length` caps the context, which the compiled target's cache is made for."""
+        (README, "Benchmark"; `default_drafter=False` loads no drafter: plain decoding). On an x86
+        CPU the drafter runs in int8 unless `float_drafter` (load_drafter). `phase(name)` is called as each
+        part of loading begins (the server shows them with their times), compiling among them. `compile` is on,
+        off or auto (compiled.wants_compile). `max_length` caps the context, which the compiled target's cache
+        is made for."""
         if not drafter and not prompt_lookup and default_drafter:
             drafter = shipped_drafter(target)
             prompt_lookup = drafter is not None
-        loaded = load_target(target, dtype, device, placement, measuring)
+        loaded = load_target(target, dtype, device, placement, phase)
         draft: Drafter | None = PromptLookupDrafter() if prompt_lookup else None
         plan = Scheduler(mode=scheduler, threshold=threshold)
         if drafter:
             folder = model_dir(drafter)
+            phase("loading the drafter" + ("" if float_drafter else " (int8 on an x86 CPU)"))
             draft = load_drafter(str(folder), loaded, int8=not float_drafter)
             if prompt_lookup:
                 draft = LookupOrDraft(draft)
@@ -65,12 +73,13 @@ class Engine:
         if max_length:
             loaded.max_length = min(loaded.max_length, max_length)
         if wants_compile(compile, loaded.device):
-            loaded = compile_target(loaded, verify_width(draft), draft.feature_layers if draft else (), cache_dir(), announce)
+            loaded = compile_target(loaded, verify_width(draft), draft.feature_layers if draft else (), cache_dir(),
+                                    lambda line: phase(f"compiling ({line})"))
             if isinstance(loaded, CompiledTarget):
                 compile_drafter(draft, loaded.max_length)
-        engine = cls(loaded, draft, plan)
+        engine = cls(loaded, draft, plan, wait_for_profile)
         if scheduler == "auto":
-            engine.scheduler_for("auto")  # profile now, at start-up, rather than in the first request
+            engine.scheduler_for("auto")  # the profile now, at start-up, rather than in the first request
         return engine
 
     def scheduler_for(self, mode: str | None = None, threshold: float | None = None) -> Scheduler:
@@ -80,9 +89,28 @@ class Engine:
         plan = self.scheduler
         if mode is not None or threshold is not None:
             plan = replace(plan, mode=mode or plan.mode, threshold=plan.threshold if threshold is None else threshold)
-        if plan.mode == "auto" and plan.sps is None and self.drafter is not None:
-            self.scheduler.sps = plan.sps = sps_profile(self.target, self.drafter.block_size + 1, cache_dir())
+        if plan.mode == "auto" and self.profile is None and self.drafter is not None:
+            tokens = self.drafter.block_size + 1
+            self.profile = cached_profile(self.target, tokens, cache_dir())
+            if self.profile is None and self.wait_for_profile:
+                self.profile = measure_profile(self.target, tokens, cache_dir())
+                self.profile_measured = True
+            if self.profile is not None:
+                self.scheduler.sps = plan.sps = self.profile.sps
         return plan
+
+    @property
+    def profile_wanted(self) -> bool:
+        """Whether the auto scheduler still lacks a sound SPS profile that this process could measure."""
+        return (self.scheduler.mode == "auto" and self.drafter is not None and not self.profile_measured
+                and (self.profile is None or self.profile.noisy))
+
+    def measure_profile(self, interrupted: Callable[[], bool]) -> None:
+        """Measure the SPS profile now (once per process; a noisy one is measured again by the next process).
+        Raises Interrupted, keeping the profile it had, as soon as `interrupted()` says so."""
+        self.profile = measure_profile(self.target, self.drafter.block_size + 1, cache_dir(), interrupted=interrupted)
+        self.profile_measured = True
+        self.scheduler.sps = self.profile.sps
 
     @property
     def tokenizer(self):
@@ -116,10 +144,10 @@ class Engine:
 
     def describe(self) -> str:
         kind = "no drafter"
-        if isinstance(self.drafter, DSparkDrafter):
-            kind = f"drafter {_block(self.drafter)}, scheduler {self.scheduler.mode}"
+        if isinstance(self.drafter, (DSparkDrafter, Eagle3Drafter)):
+            kind = f"{_block(self.drafter)}, scheduler {self.scheduler.mode}"
         elif isinstance(self.drafter, LookupOrDraft):
-            kind = f"prompt lookup, else drafter {_block(self.drafter.drafter)}, scheduler {self.scheduler.mode}"
+            kind = f"prompt lookup, else {_block(self.drafter.drafter)}, scheduler {self.scheduler.mode}"
         elif isinstance(self.drafter, PromptLookupDrafter):
             kind = "prompt lookup"
         compiled = ", compiled" if isinstance(self.target, CompiledTarget) else ""
@@ -132,5 +160,7 @@ def folder_calibration(folder: Path) -> list[float] | None:
     return load_calibration(path) if path.is_file() else None
 
 
-def _block(drafter: DSparkDrafter) -> str:
-    return f"block {drafter.block_size}" + (" in int8" if drafter.int8 else "") + (", compiled" if drafter.compiled else "")
+def _block(drafter: DSparkDrafter | Eagle3Drafter) -> str:
+    chain = isinstance(drafter, Eagle3Drafter)
+    return (("Eagle3 drafter, chain" if chain else "drafter block") + f" {drafter.block_size}" + (" in int8" if drafter.int8 else "")
+            + (", compiled" if not chain and drafter.compiled else ""))

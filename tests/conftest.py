@@ -13,6 +13,7 @@ from dspark_chat.engine.sampling import Proposal
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = DATA / "deepspec_reference"
+EAGLE3 = DATA / "eagle3_reference"  # Eagle3 drafters with what DeepSpec's and speculators' code propose
 
 # A user catalog entry for the tiny reference target (tests lay it out in a Hub cache as acme/tiny),
 # and a pair of it with the reference DSpark drafter (acme/tiny-dspark).
@@ -117,10 +118,26 @@ def tiny_target(tiny_target_dir):
     return load_target(str(tiny_target_dir), dtype="float32", device="cpu")
 
 
-def drafter_copy(tmp_path: Path, variant: str = "dspark", **config_changes) -> Path:
+@pytest.fixture(scope="session")
+def eagle3_target_dir(tmp_path_factory, tokenizer) -> Path:
+    """The 6-layer tiny Qwen3 target of the Eagle3 reference (an Eagle3 drafter reads 5 of its layers)."""
+    out = tmp_path_factory.mktemp("eagle3") / "target"
+    shutil.copytree(EAGLE3 / "qwen3" / "target", out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def eagle3_target(eagle3_target_dir):
+    from dspark_chat.engine.loading import load_target
+
+    return load_target(str(eagle3_target_dir), dtype="float32", device="cpu")
+
+
+def drafter_copy(tmp_path: Path, variant: str = "dspark", source: Path = REFERENCE, **config_changes) -> Path:
     """A writable copy of a reference drafter, with config.json fields changed."""
     out = tmp_path / variant
-    shutil.copytree(REFERENCE / variant, out)
+    shutil.copytree(source / variant, out)
     if config_changes:
         config = json.loads((out / "config.json").read_text())
         config.update(config_changes)
@@ -202,13 +219,51 @@ def make_tiny_pair(folder: Path, tokenizer, vocab_size: int = 512, block_size: i
     return target_dir, drafter_dir
 
 
+def make_tiny_eagle3(folder: Path, target_dir: Path, speculators: bool = False, draft_vocab: list[int] | None = None,
+                     chain: int = 4, seed: int = 1, std: float = 0.8) -> Path:
+    """A random one-layer Eagle3 drafter for a make_tiny_pair target, reading its layers 0 and 1: in DeepSpec's
+    Qwen3Eagle3Model layout, or in speculators' format (a pruned vocabulary in d2t/t2d when draft_vocab
+    lists its ids)."""
+    from safetensors.torch import load_file, save_file
+
+    from dspark_chat.engine.eagle3 import Eagle3Drafter, layout_from
+
+    target = json.loads((target_dir / "config.json").read_text())
+    vocab = draft_vocab or list(range(target["vocab_size"]))
+    if speculators:
+        layer = {k: v for k, v in target.items() if k not in ("architectures", "dtype", "transformers_version")}
+        config = {"speculators_model_type": "eagle3", "architectures": ["Eagle3DraftModel"],
+                  "transformer_layer_config": layer | {"num_hidden_layers": 1, "layer_types": ["full_attention"]}, "draft_vocab_size": len(vocab),
+                  "eagle_aux_hidden_state_layer_ids": [1, 2], "norm_before_residual": True,
+                  "speculators_config": {"proposal_methods": [{"speculative_tokens": chain}]}}
+    else:
+        config = target | {"architectures": ["Qwen3Eagle3Model"], "num_hidden_layers": 1, "layer_types": ["full_attention"],
+                           "target_layer_ids": [0, 1], "ttt_length": chain}
+    drafter = Eagle3Drafter(layout_from(config, target["num_hidden_layers"]))
+    torch.manual_seed(seed)
+    state = {name: torch.ones_like(p) if "norm" in name else torch.randn_like(p) * std
+             for name, p in drafter.state_dict().items()}
+    weights = load_file(target_dir / "model.safetensors")
+    state["embed_tokens.weight"] = weights["model.embed_tokens.weight"]
+    if not speculators:
+        state["lm_head.weight"] = weights["lm_head.weight"]  # DeepSpec's frozen copy of the target's head
+    if draft_vocab:
+        state["d2t"] = torch.tensor(vocab) - torch.arange(len(vocab))
+        state["t2d"] = torch.zeros(target["vocab_size"], dtype=torch.bool).index_fill_(0, torch.tensor(vocab), True)
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def compiled_tiny(tiny_target):
-    """The tiny target with compiled passes, up to prompt lookup's 11 tokens and with the reference
-    drafters' layers, compiled once per session (inductor's cache lives in the suite's cache folder)."""
+    """The tiny target with compiled passes, up to prompt lookup's 11 tokens and with the layers the reference
+    drafters (0, 2) and make_tiny_eagle3's (0, 1) read, compiled once per session (inductor's cache lives in the
+    suite's cache folder)."""
     from dspark_chat.engine.compiled import CompiledTarget, compile_target
     from dspark_chat.engine.loading import cache_dir
 
-    compiled = compile_target(tiny_target, 11, (0, 2), cache_dir())
+    compiled = compile_target(tiny_target, 11, (0, 1, 2), cache_dir())
     assert isinstance(compiled, CompiledTarget)
     return compiled

@@ -14,11 +14,12 @@ from types import SimpleNamespace
 import pytest
 
 import dspark_chat.engine.bench as bench_module
-import dspark_chat.engine.scheduler as scheduler_module
 from dspark_chat.engine import cli
 from dspark_chat.engine.bench import Progress, bench, build_modes, format_table, load_llama, read_prompts
-from dspark_chat.engine.engine import Engine
+from dspark_chat.engine.dspark import DSparkDrafter
+from dspark_chat.engine.engine import Engine, folder_calibration
 from dspark_chat.engine.loading import cache_dir, load_drafter, load_target
+from dspark_chat.engine.prompt_lookup import LookupOrDraft
 from dspark_chat.engine.sampling import Sampling
 from dspark_chat.engine.scheduler import Scheduler, sps_profile
 
@@ -86,16 +87,16 @@ def test_compile_both_runs_each_engine_mode_eager_and_compiled_side_by_side(tiny
     from dspark_chat.engine.bench import compiled_modes
 
     engine = Engine(tiny_target, load_drafter(str(REFERENCE / "dspark"), tiny_target))
-    modes = compiled_modes(build_modes(engine, ["baseline", "drafter", "prompt-lookup", "hf"], 5), compiled_tiny, None, both=True)
-    names = ["baseline", "baseline/compiled", "drafter", "drafter/compiled", "prompt-lookup", "prompt-lookup/compiled", "hf"]
+    modes = compiled_modes(build_modes(engine, ["baseline", "drafter+lookup", "hf"], 5), compiled_tiny, None, both=True)
+    names = ["baseline", "baseline/compiled", "drafter+lookup", "drafter+lookup/compiled", "hf"]
     assert [m.name for m in modes] == names
-    report = bench(engine, read_prompts(prompts, None), modes, Sampling(), 12)
+    report = bench(engine, read_prompts(prompts, None), modes, Sampling(), 8)
     rows = report["modes"]
     assert report["outputs_identical"] is True and report["divergences"] == []
-    for name in ("baseline/compiled", "drafter/compiled", "prompt-lookup/compiled"):
+    for name in ("baseline/compiled", "drafter+lookup/compiled"):
         assert rows[name]["identity_checked"] and rows[name]["near_ties"] == rows[name]["mismatches"] == 0
         assert rows[name]["speedup_vs_eager"] > 0 and rows[name]["tokens"] == rows[name.removesuffix("/compiled")]["tokens"]
-    assert rows["drafter"]["speedup_vs_eager"] is None and rows["hf"]["speedup_vs_eager"] is None
+    assert rows["drafter+lookup"]["speedup_vs_eager"] is None and rows["hf"]["speedup_vs_eager"] is None
     table = format_table(report)
     assert "vs eager" in table and "MODE/compiled: ties/bugs against baseline/compiled, and baseline/compiled's against baseline" in table
     assert engine.target is tiny_target  # each compiled run swaps the target in and back
@@ -279,8 +280,6 @@ def test_progress_on_a_terminal_redraws_one_line():
 
 def test_profile_prints_the_sps_table_the_scheduler_reads(tiny_target_dir, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # platformdirs' cache dir on Linux
-    # A busy machine would leave a disturbed profile uncached and the second call would measure anew.
-    monkeypatch.setattr(scheduler_module, "disturbance", lambda times: None)
     assert cli.main(["bench", "--profile", "--target", str(tiny_target_dir), "--dtype", "float32", "--device", "cpu", "--block", "3"]) == 0
     lines = capsys.readouterr().out.strip().split("\n")
     assert lines[0].startswith(f"SPS profile of {tiny_target_dir}")
@@ -289,10 +288,13 @@ def test_profile_prints_the_sps_table_the_scheduler_reads(tiny_target_dir, capsy
     assert [r[0] for r in rows] == ["1", "2", "3", "4"] and rows[0][3] == "1.00x"
     for b, sps, tokens, _ in rows:
         assert float(tokens) == pytest.approx(int(b) * float(sps), abs=0.1 * int(b))
-    assert lines[6].startswith("A pass over 4 tokens costs") and len(lines) == 7
-    # The numbers are the cached profile the auto scheduler decides with.
+    assert lines[6].startswith("A pass over 4 tokens costs")
+    # The numbers are the cached profile the auto scheduler decides with; a noisy one says so.
     target = load_target(str(tiny_target_dir), dtype="float32", device="cpu")
-    assert [f"{s:.1f}" for s in sps_profile(target, 4, cache_dir())] == [r[1] for r in rows]
+    profile = sps_profile(target, 4, cache_dir())
+    assert [f"{s:.1f}" for s in profile.sps] == [r[1] for r in rows]
+    assert lines[7:] == (["Noisy: no measurement settled while other work slowed the passes; each B's fastest rate so far "
+                          "(servers measure a noisy profile again between requests)."] if profile.noisy else [])
 
 
 def test_bench_without_prompts_is_refused(capsys):
@@ -301,6 +303,102 @@ def test_bench_without_prompts_is_refused(capsys):
     with pytest.raises(SystemExit):  # refused before any model loads
         cli.main(["bench", "--prompts", "p.jsonl", "--repeats", "0"])
     assert "--repeats: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def modes_built(monkeypatch) -> list:
+    """The modes each bench run builds, recorded."""
+    built, real = [], bench_module.build_modes
+    monkeypatch.setattr(bench_module, "build_modes", lambda *args, **kwargs: built.append(real(*args, **kwargs)) or built[-1])
+    return built
+
+
+def test_with_no_options_bench_runs_the_shipped_drafter_with_prompt_lookup_as_the_app_does(tiny_target_dir, prompts, tmp_path,
+                                                                                            monkeypatch):
+    """A target with a shipped drafter (the embedded model; here the tiny one, given the reference drafter) is
+    measured as generate and the app run it: drafter + lookup, beside the baseline and the peers."""
+    monkeypatch.setattr(bench_module, "shipped_drafter", lambda target: str(REFERENCE / "dspark") if target == str(tiny_target_dir) else None)
+    built = modes_built(monkeypatch)
+    out = tmp_path / "report.json"
+    assert cli.main(["bench", "--target", str(tiny_target_dir), "--prompts", str(prompts), "--limit", "1", "--max-new-tokens", "6",
+                     "--dtype", "float32", "--device", "cpu", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["modes"]) == ["baseline", "drafter+lookup", "prompt-lookup", "hf", "hf-prompt-lookup"]
+    assert report["outputs_identical"] is True and report["modes"]["drafter+lookup"]["tau"] is not None
+    [modes] = built
+    app_like = modes[1].drafter
+    assert isinstance(app_like, LookupOrDraft) and app_like.lookup.block_size == 10 and app_like.lookup.min_match == LookupOrDraft.MIN_MATCH
+    assert isinstance(app_like.drafter, DSparkDrafter) and app_like.drafter.int8  # the shipped drafter, as the app loads it
+
+
+@pytest.mark.slow
+def test_with_no_options_bench_measures_the_embedded_pair_as_the_app_runs_it(smollm2, prompts, tmp_path, monkeypatch):
+    """`dspark-chat bench --prompts FILE` alone: SmolLM2 with its shipped drafter and prompt lookup, against the
+    baseline and the peers. (The session's SmolLM2 stands in for loading it again.)"""
+    import dspark_chat.engine.engine as engine_module
+    from dspark_chat.engine.catalog import SHIPPED_DRAFTERS
+
+    monkeypatch.setattr(engine_module, "load_target", lambda spec, *args, **kwargs: smollm2 if spec == "smollm2" else None)
+    built = modes_built(monkeypatch)
+    out = tmp_path / "report.json"
+    assert cli.main(["bench", "--prompts", str(prompts), "--limit", "1", "--max-new-tokens", "8", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["modes"]) == ["baseline", "drafter+lookup", "prompt-lookup", "hf", "hf-prompt-lookup"]
+    assert report["target"] == "smollm2" and report["outputs_identical"] is True
+    drafter = built[0][1].drafter.drafter
+    assert isinstance(drafter, DSparkDrafter) and drafter.int8 and drafter.embed_tokens is smollm2.model.get_input_embeddings()
+    assert report["engine"].startswith("smollm2") and "drafter block 7 in int8" in report["engine"]
+    assert built[0][1].temperatures == folder_calibration(SHIPPED_DRAFTERS["smollm2"])  # its calibration too
+
+
+KIND_PAIRS = """
+[pairs.tiny-dspark-lookup]
+target = "tiny"
+kind = "dspark+lookup"
+block_size = 7
+drafter = "acme/tiny-dspark"
+drafter_layers = 2
+drafter_params = 150_000
+drafter_dtype = "float32"
+drafter_download_bytes = 600_000
+license = "MIT"
+
+[pairs.tiny-lookup]
+target = "tiny"
+kind = "prompt-lookup"
+block_size = 10
+license = "MIT"
+"""
+
+
+def test_a_catalog_pair_runs_in_the_mode_of_its_kind(tiny_target_dir, prompts, tmp_path, monkeypatch):
+    """--model takes a catalog pair's target (placed by its fit plan) and its drafter, and runs the drafter the way
+    the pair's kind says, beside the baseline and the peers: dspark as `drafter`, dspark+lookup as `drafter+lookup`,
+    a prompt-lookup pair with prompt lookup alone (one of the peers)."""
+    from huggingface_hub import constants
+
+    from .test_hub import build_cache
+    from .test_tui import CATALOG
+
+    build_cache(tmp_path, {p.name: p.read_bytes() for p in tiny_target_dir.iterdir() if p.is_file()})
+    build_cache(tmp_path, {p.name: p.read_bytes() for p in (REFERENCE / "dspark").iterdir()}, repo="acme/tiny-dspark")
+    (tmp_path / "config" / "dspark-chat").mkdir(parents=True)
+    (tmp_path / "config" / "dspark-chat" / "models.toml").write_text(CATALOG + KIND_PAIRS)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    built = modes_built(monkeypatch)
+    peers = ["prompt-lookup", "hf", "hf-prompt-lookup"]
+    for pair, modes in (("tiny-dspark", ["baseline", "drafter", *peers]), ("tiny-dspark-lookup", ["baseline", "drafter+lookup", *peers]),
+                        ("tiny-lookup", ["baseline", *peers])):
+        out = tmp_path / f"{pair}.json"
+        assert cli.main(["bench", "--model", pair, "--prompts", str(prompts), "--limit", "1", "--max-new-tokens", "6", "--json", str(out)]) == 0
+        report = json.loads(out.read_text())
+        assert list(report["modes"]) == modes and report["pair"] == pair and report["outputs_identical"] is True
+        assert report["target"] == "acme/tiny"
+        drafters = [m.drafter for m in built[-1] if m.name.startswith("drafter")]
+        assert all(isinstance(d.drafter if isinstance(d, LookupOrDraft) else d, DSparkDrafter) for d in drafters)
+    with pytest.raises(SystemExit):  # a pair names its own target
+        cli.main(["bench", "--model", "tiny-dspark", "--target", str(tiny_target_dir), "--prompts", str(prompts)])
 
 
 def test_command_line_writes_json_and_plot(tiny_target_dir, prompts, tmp_path):

@@ -82,6 +82,34 @@ def test_drafter_sizes_match_the_deepspec_architecture():
             assert sum(p.numel() for p in drafter.parameters()) == pair.drafter_params, pair.name
 
 
+def test_eagle3_pairs_have_deepspec_eagle3_drafters_of_their_architecture():
+    """DeepSpec's config/eagle3/*.py: one layer reading 5 target layers, a chain of 7 drafts; the parameter
+    counts of that drafter built on the meta device by this project's Eagle3 drafter (same names and shapes)."""
+    import torch
+
+    from dspark_chat.engine.eagle3 import Eagle3Drafter, layout_from
+
+    intermediate = {"qwen3-4b": 9728, "qwen3-8b": 12288, "qwen3-14b": 17408}
+    catalog = load_catalog([BUILTIN])
+    for short, target in DEEPSPEC.items():
+        pair = catalog.pair(f"{short}-eagle3")
+        assert pair.kind == "eagle3" and pair.block_size == 7 and pair.drafter_layers == 1
+        assert pair.drafter == f"deepseek-ai/eagle3_{short.replace('-', '_')}_ttt7" and pair.target.repo == target
+        assert pair.specs() == (target, pair.drafter, False)
+        if short not in intermediate:
+            assert "drafter_params" in pair.estimated  # Gemma 4 12B's attention geometry is not published
+            continue
+        t = pair.target
+        raw = {"architectures": ["Qwen3Eagle3Model"], "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+               "intermediate_size": intermediate[short], "num_hidden_layers": 1, "layer_types": ["full_attention"],
+               "num_attention_heads": t.attention_heads, "num_key_value_heads": t.kv_heads, "head_dim": t.head_dim,
+               "target_layer_ids": [1, 9, 17, 25, 33], "ttt_length": 7}
+        with torch.device("meta"):
+            drafter = Eagle3Drafter(layout_from(raw, t.layers))
+        assert sum(p.numel() for p in drafter.parameters()) == pair.drafter_params, pair.name
+        assert pair.drafter_params * 2 < pair.drafter_download_bytes < pair.drafter_params * 2 * 1.01
+
+
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

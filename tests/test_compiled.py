@@ -19,7 +19,7 @@ from dspark_chat.engine.sampling import Sampling
 from dspark_chat.engine.scheduler import Scheduler
 from dspark_chat.engine.target import Target
 
-from .conftest import DATA, REFERENCE, Forcing
+from .conftest import DATA, REFERENCE, Forcing, make_tiny_eagle3
 from .test_lossless import generated, prompts
 
 
@@ -80,6 +80,24 @@ def test_a_failed_compilation_leaves_the_target_eager_with_a_one_line_warning(ti
     assert capsys.readouterr().err == f"warning: {tiny_target.name} runs eagerly: compiling failed (RuntimeError: Compiler: cc is not found.)\n"
 
 
+
+def test_a_compiled_pass_that_fails_later_falls_back_to_eager_with_a_one_line_warning(tiny_target, tokenizer, capsys):
+    """A recompilation that fails mid-request (after compile() warmed up): the pass runs eagerly, and so does every
+    later one."""
+    static = CompiledTarget(tiny_target.model, tokenizer, "tiny", max_width=8)
+
+    def fail(*args):
+        raise RuntimeError("recompiling failed")
+
+    static.compiled, static.warmed = fail, True
+    ids = [5, 9, 14, 3, 7]
+    tiny_target.rewind(0)
+    expected, _ = tiny_target.forward(ids)
+    logits, _ = static.forward(ids)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    assert static.compiled is None
+    assert capsys.readouterr().err == "warning: a compiled pass failed (RuntimeError); tiny runs eagerly from now on\n"
+
 def test_the_start_says_first_start_or_cached_with_the_time_it_took(tiny_target, monkeypatch, tmp_path):
     monkeypatch.setattr(CompiledTarget, "compile", lambda self: None)
     said = []
@@ -102,9 +120,25 @@ def test_attended_lengths_come_in_few_sizes_on_cuda():
     assert all(key_length(n, cuda) >= n and key_length(n, cuda) <= max(256, 1.5 * n) for n in range(1, 40961, 97))
 
 
-@pytest.mark.parametrize("variant,mode", [("dspark", "off"), ("dspark", "threshold"), ("dspark", "auto"), ("dspark_rnn", "auto"),
-                                          ("dflash", "off"), ("dflash", "auto"), ("prompt_lookup", "auto"), ("dspark+lookup", "auto")])
-def test_compiled_greedy_speculation_equals_compiled_plain_decoding(variant, mode, compiled_tiny, reference):
+@pytest.fixture(scope="module")
+def few_prompts(reference):
+    """Three of prompts(): a short and a long one, and one that repeats itself (for prompt lookup)."""
+    return [p for i, p in enumerate(prompts(reference)) if i in (0, 3, 5)]
+
+
+@pytest.fixture(scope="module")
+def compiled_baselines(compiled_tiny, few_prompts):
+    """The compiled target's own greedy text for few_prompts: what every drafter must reproduce."""
+    return [generated(compiled_tiny, None, prompt) for prompt in few_prompts]
+
+
+SLOW = pytest.mark.slow  # the same loop under another drafter or scheduler mode: CI's slow run
+
+
+@pytest.mark.parametrize("variant,mode", [("dspark", "off"), ("dspark", "threshold"), pytest.param("dspark", "auto", marks=SLOW),
+                                          pytest.param("dspark_rnn", "auto", marks=SLOW), ("dflash", "off"),
+                                          pytest.param("dflash", "auto", marks=SLOW), ("prompt_lookup", "auto"), ("dspark+lookup", "auto")])
+def test_compiled_greedy_speculation_equals_compiled_plain_decoding(variant, mode, compiled_tiny, few_prompts, compiled_baselines):
     target = compiled_tiny
     drafter = None if variant == "prompt_lookup" else load_drafter(str(REFERENCE / variant.removesuffix("+lookup")), target)
     if variant == "prompt_lookup":
@@ -113,8 +147,7 @@ def test_compiled_greedy_speculation_equals_compiled_plain_decoding(variant, mod
         drafter = LookupOrDraft(drafter, PromptLookupDrafter(block_size=10, min_match=2))
     sps = [100.0, 95.0, 90.0, 80.0, 75.0, 70.0, 66.0, 60.0, 58.0, 55.0, 52.0]
     scheduler = Scheduler(mode=mode, threshold=0.6, sps=sps)
-    for prompt in prompts(reference):
-        baseline = generated(target, None, prompt)
+    for prompt, baseline in zip(few_prompts, compiled_baselines):
         assert generated(target, drafter, prompt, scheduler) == baseline
         if variant in ("dspark", "dflash"):
             # Rounds that accept 0..7 drafts: every rollback length of the compiled cache.
@@ -122,8 +155,8 @@ def test_compiled_greedy_speculation_equals_compiled_plain_decoding(variant, mod
             assert generated(target, forcing, prompt, scheduler) == baseline
 
 
-def test_compiled_plain_decoding_parts_from_eager_only_at_near_ties(compiled_tiny, tiny_target, reference):
-    for prompt in prompts(reference):
+def test_compiled_plain_decoding_parts_from_eager_only_at_near_ties(compiled_tiny, tiny_target, few_prompts):
+    for prompt in few_prompts:
         eager, compiled = generated(tiny_target, None, prompt, max_new_tokens=60), generated(compiled_tiny, None, prompt, max_new_tokens=60)
         divergence = explain_divergence(tiny_target, prompt, eager, compiled)
         assert divergence is None or divergence.near_tie, divergence.describe()
@@ -159,8 +192,8 @@ def test_one_graph_serves_every_width_position_and_attended_length(compiled_tiny
     assert at > 64 and compiled_tiny.compiled is not None
 
 
-@pytest.mark.parametrize("variant", ["dspark", "dflash"])
-def test_a_compiled_float_drafter_drafts_losslessly_without_compiling_again(variant, compiled_tiny, reference):
+@pytest.mark.parametrize("variant", ["dspark", pytest.param("dflash", marks=SLOW)])
+def test_a_compiled_float_drafter_drafts_losslessly_without_compiling_again(variant, compiled_tiny, few_prompts, compiled_baselines):
     import torch._dynamo
 
     from dspark_chat.engine.compiled import compile_drafter
@@ -169,14 +202,28 @@ def test_a_compiled_float_drafter_drafts_losslessly_without_compiling_again(vari
     compile_drafter(drafter, compiled_tiny.max_length)
     assert drafter.compiled is not None
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for prompt in prompts(reference):
-            baseline = generated(compiled_tiny, None, prompt)
+        for prompt, baseline in zip(few_prompts, compiled_baselines):
             assert generated(compiled_tiny, drafter, prompt, Scheduler(mode="off")) == baseline
             forcing = Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 7, 0, 5, 1, 6, 2, 4])
             assert generated(compiled_tiny, forcing, prompt) == baseline
     int8 = load_drafter(str(REFERENCE / variant), compiled_tiny)
     compile_drafter(int8, compiled_tiny.max_length)  # refused, with a note: it stays eager
     assert int8.compiled is None
+
+
+def test_an_eagle3_drafter_beside_the_compiled_target_drafts_eagerly_and_losslessly(compiled_tiny, tiny_target_dir, few_prompts,
+                                                                                   compiled_baselines, tmp_path, capsys):
+    """The target's passes compiled, the Eagle3 chain eager (a one-line note says why); forced rounds accept 0..7
+    drafts, rolling back both caches, and the output stays the compiled target's own."""
+    from dspark_chat.engine.compiled import compile_drafter
+
+    drafter = load_drafter(str(make_tiny_eagle3(tmp_path / "eagle3", tiny_target_dir, chain=7)), compiled_tiny)
+    compile_drafter(LookupOrDraft(drafter), compiled_tiny.max_length)
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and note.startswith("note: the Eagle3 drafter runs eagerly beside the compiled target")
+    for prompt, baseline in zip(few_prompts, compiled_baselines):
+        forcing = Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 7, 0, 5, 1, 6, 2, 4])
+        assert generated(compiled_tiny, forcing, prompt) == baseline
 
 
 SMOLLM2_PROMPTS = [

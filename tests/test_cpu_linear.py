@@ -137,6 +137,7 @@ def test_measure_gives_each_row_count_at_most_one_way():
     assert set(cpu_linear.measure([torch.randn(64, 32)], max_rows=2, repeats=1, pack=False)) == {"transposed"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ways", [{"transposed": range(2, 18)}, {"transposed": [1]}, {"packed": range(2, 18)}, {"packed": [1]}],
                          ids=["transposed-verify-passes", "transposed-one-row-steps", "packed-verify-passes", "packed-one-row-steps"])
 @pytest.mark.parametrize("prompt", ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REFERENCE, TINY_DSPARK_PAIR_TOML, TINY_TARGET_TOML
+from .conftest import EAGLE3, REFERENCE, TINY_DSPARK_PAIR_TOML, TINY_TARGET_TOML
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -435,7 +435,40 @@ def test_generate_with_a_catalog_pair_downloads_and_decodes(hub, tiny_repo, tmp_
     assert clash.returncode == 2 and "not allowed with argument" in clash.stderr
 
 
+def test_generate_with_an_eagle3_catalog_pair(hub, eagle3_target_dir, tmp_path):
+    """`generate --model NAME` for a pair of kind eagle3: a speculators-format drafter on the (local) Hub."""
+    hub.repos["acme/tiny6"] = Repo({p.name: p.read_bytes() for p in eagle3_target_dir.iterdir()}, {"model.safetensors"})
+    drafter = EAGLE3 / "speculators" / "speculators_llama"
+    hub.repos["acme/tiny6-eagle3"] = Repo({p.name: p.read_bytes() for p in drafter.iterdir()}, {"model.safetensors"})
+    user = tmp_path / "config" / "dspark-chat" / "models.toml"
+    user.parent.mkdir(parents=True)
+    user.write_text(TINY_TARGET_TOML.replace("[targets.tiny]", "[targets.tiny6]").replace('"acme/tiny"', '"acme/tiny6"')
+                    .replace("layers = 4", "layers = 6") + """
+[pairs.tiny-eagle3]
+target = "tiny6"
+kind = "eagle3"
+block_size = 5
+drafter = "acme/tiny6-eagle3"
+drafter_layers = 1
+drafter_params = 90_000
+drafter_dtype = "float32"
+drafter_download_bytes = 380_000
+license = "MIT"
+""")
+    result = run(tmp_path, "generate", "--model", "tiny-eagle3", "hello", "--json", "--max-new-tokens", "12",
+                 "--dtype", "float32", "--device", "cpu", endpoint=hub.url)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert "Eagle3 drafter, chain 5 in int8" in out["engine"] and len(out["token_ids"]) == 12
+    assert sum(len(s["draft_ids"]) for s in out["steps"]) > 0  # the drafter took part
+    plain = run(tmp_path, "generate", "--model", "tiny-eagle3", "hello", "--json", "--max-new-tokens", "12",
+                "--dtype", "float32", "--device", "cpu", "--no-spec", offline=True)
+    assert json.loads(plain.stdout)["token_ids"] == out["token_ids"]
+
+
 @pytest.mark.parametrize("command", ["generate", "serve"])
-def test_plan_overrides_need_a_catalog_pair(command, tmp_path):
-    result = run(tmp_path, command, "--quant", "8bit", *(["hi"] if command == "generate" else []))
-    assert result.returncode == 2 and "use them with --model" in result.stderr
+def test_plan_overrides_need_a_catalog_pair(command, capsys):
+    from dspark_chat.engine import cli
+
+    assert cli.main([command, "--quant", "8bit", *(["hi"] if command == "generate" else [])]) == 2
+    assert "use them with --model" in capsys.readouterr().err

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from dspark_chat.engine.loading import LoadError, embedded_gguf, gguf_as_safetensors, load_drafter, load_target
+from dspark_chat.engine.loading import LoadError, gguf_as_safetensors, load_drafter, load_target
 
 from .conftest import REFERENCE, drafter_copy
 
@@ -109,22 +109,67 @@ def test_bad_target_specs_say_what_to_do(tmp_path):
         load_target("smollm2", dtype="float8")
 
 
-def test_a_changed_gguf_file_replaces_its_older_conversion(tmp_path, monkeypatch):
+def write_tiny_gguf(path: Path, tokenizer) -> Path:
+    """A one-layer llama GGUF file with float32 weights and the tests' byte-level BPE tokenizer: converted
+    like the embedded model's, in a second rather than half a minute."""
+    import gguf
+
+    tokens = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]]
+    hidden, ff, heads, kv_heads = 16, 32, 2, 1
+    head_dim = hidden // heads
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in tokenizer.all_special_tokens else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    g = torch.Generator().manual_seed(0)
+    shapes = {"token_embd.weight": (len(tokens), hidden), "output.weight": (len(tokens), hidden), "output_norm.weight": (hidden,),
+              "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,), "blk.0.attn_q.weight": (hidden, hidden),
+              "blk.0.attn_k.weight": (kv_heads * head_dim, hidden), "blk.0.attn_v.weight": (kv_heads * head_dim, hidden),
+              "blk.0.attn_output.weight": (hidden, hidden), "blk.0.ffn_gate.weight": (ff, hidden), "blk.0.ffn_up.weight": (ff, hidden),
+              "blk.0.ffn_down.weight": (hidden, ff)}
+    for name, shape in shapes.items():
+        weight = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=g) * 0.1
+        writer.add_tensor(name, weight.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_changed_gguf_file_replaces_its_older_conversion(tmp_path, monkeypatch, tokenizer):
     """A reinstalled package leaves a new GGUF file at the same path: its conversion replaces the old copy
     (half a GB for SmolLM2) instead of adding to it, and the conversions of other files stay."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    gguf = tmp_path / "models" / embedded_gguf().name
-    gguf.parent.mkdir()
-    shutil.copy(embedded_gguf(), gguf)
-    first = gguf_as_safetensors(gguf)
+    (tmp_path / "models").mkdir()
+    gguf = write_tiny_gguf(tmp_path / "models" / "tiny.gguf", tokenizer)
+    converting = []
+    first = gguf_as_safetensors(gguf, lambda: converting.append(gguf.stat().st_mtime))
     other = first.parent / "another-model-0123456789-1-1"  # another file's conversion
     other.mkdir()
     (other / "config.json").write_text("{}")
-    assert gguf_as_safetensors(gguf) == first  # unchanged: reused
+    assert gguf_as_safetensors(gguf, lambda: converting.append(gguf.stat().st_mtime)) == first  # unchanged: reused
+    assert len(converting) == 1
     later = gguf.stat().st_mtime + 60
     os.utime(gguf, (later, later))
-    second = gguf_as_safetensors(gguf)
-    assert second != first and (second / "config.json").is_file()
+    second = gguf_as_safetensors(gguf, lambda: converting.append(gguf.stat().st_mtime))
+    assert second != first and (second / "config.json").is_file() and converting[1:] == [later]
     assert sorted(p.name for p in first.parent.iterdir()) == sorted([second.name, other.name])
-    assert AutoTokenizer.from_pretrained(second)("hello").input_ids
-    shutil.rmtree(tmp_path)  # 600 MB that pytest would otherwise keep for three runs
+    assert AutoTokenizer.from_pretrained(second)("hello").input_ids == tokenizer("hello").input_ids
+    target = load_target(str(gguf), "float32", "cpu")  # the converted copy loads as a target
+    assert target.model.config.model_type == "llama" and target.vocab_size == len(tokenizer.get_vocab())

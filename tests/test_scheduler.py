@@ -12,7 +12,8 @@ import dspark_chat.engine.scheduler as scheduler_module
 from dspark_chat.engine.engine import Engine
 from dspark_chat.engine.loading import load_drafter
 from dspark_chat.engine.prompt_lookup import PromptLookupDrafter
-from dspark_chat.engine.scheduler import AcceptanceModel, Scheduler, disturbance, load_calibration, sps_profile
+from dspark_chat.engine.scheduler import (AcceptanceModel, Interrupted, Profile, Scheduler, cached_profile, disturbance,
+                                          load_calibration, measure_profile, sps_profile)
 
 from .conftest import REFERENCE
 
@@ -189,30 +190,31 @@ def quiet(tokens, call):
 def test_sps_profile_is_measured_once_and_cached(monkeypatch, tmp_path):
     target = TimedTarget(quiet, monkeypatch)
     profile = sps_profile(target, 8, tmp_path)
-    assert profile == pytest.approx([1 / quiet(b, 0) for b in range(1, 9)])
+    assert profile.sps == pytest.approx([1 / quiet(b, 0) for b in range(1, 9)]) and not profile.noisy
     [cached] = (tmp_path / "sps").glob("*.json")
     saved = json.loads(cached.read_text())
-    assert saved["sps"] == profile and saved["key"][0] == target.name
+    assert saved["sps"] == profile.sps and saved["key"][0] == target.name and saved["noisy"] is False
     saved["sps"] = [1.0] * 8
     cached.write_text(json.dumps(saved))
     calls = target.calls
-    assert sps_profile(target, 8, tmp_path) == [1.0] * 8  # read back, not measured again
+    assert sps_profile(target, 8, tmp_path) == Profile([1.0] * 8)  # read back, not measured again
     assert target.calls == calls
     target.attention = "eager"  # another attention implementation: its passes take other times
-    assert sps_profile(target, 8, tmp_path) == pytest.approx(profile)
+    assert sps_profile(target, 8, tmp_path).sps == pytest.approx(profile.sps)
     assert target.calls > calls and len(list((tmp_path / "sps").glob("*.json"))) == 2
     del target.attention
+    del saved["noisy"]
     saved["sps"] = [5.0, 1.5, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # cached by an older version on a busy machine
     cached.write_text(json.dumps(saved))
-    assert sps_profile(target, 8, tmp_path) == pytest.approx(profile)  # measured again
-    assert json.loads(cached.read_text())["sps"] == pytest.approx(profile)
+    assert sps_profile(target, 8, tmp_path).sps == pytest.approx(profile.sps)  # measured again
+    assert json.loads(cached.read_text())["sps"] == pytest.approx(profile.sps)
 
 
 def test_sps_profile_takes_each_passs_fastest_time_and_is_kept_per_processor(monkeypatch, tmp_path):
     # Two of every three passes are slowed by other work, by less than the disturbance check notices:
     # a median would take the slowed time, the fastest pass is the quiet one.
     target = TimedTarget(lambda b, call: quiet(b, call) * (1 if call % 3 == 0 else 1.15), monkeypatch)
-    assert sps_profile(target, 8, tmp_path) == pytest.approx([1 / quiet(b, 0) for b in range(1, 9)])
+    assert sps_profile(target, 8, tmp_path).sps == pytest.approx([1 / quiet(b, 0) for b in range(1, 9)])
     calls = target.calls
     monkeypatch.setattr(scheduler_module, "cpu_identity", lambda: "another processor")
     sps_profile(target, 8, tmp_path)
@@ -225,27 +227,63 @@ def test_a_disturbed_measurement_is_retaken_and_cached_once_it_is_sound(monkeypa
     first = 1 + 6 * 8
     target = TimedTarget(lambda b, call: quiet(b, call) * (3 if call <= first and call % 3 == 0 else 1), monkeypatch)
     profile = sps_profile(target, 8, tmp_path)
-    assert profile == pytest.approx([1 / quiet(b, 0) for b in range(1, 9)])
+    assert profile == Profile(pytest.approx([1 / quiet(b, 0) for b in range(1, 9)]), noisy=False)
     assert target.calls == 2 * first and len(list((tmp_path / "sps").glob("*.json"))) == 1
     assert capsys.readouterr().err == ""
 
 
+def every_third_pass_slowed(slowed=3.0, quiet=quiet):
+    return lambda b, call: quiet(b, call) * (slowed if call % 3 == 0 else 1)
+
+
 @pytest.mark.parametrize("kind", ["spread", "shape"])
-def test_a_measurement_that_stays_disturbed_is_used_for_this_run_only(kind, monkeypatch, tmp_path, capsys):
+def test_a_measurement_that_stays_disturbed_is_cached_as_noisy_and_not_waited_for_again(kind, monkeypatch, tmp_path, capsys):
     if kind == "spread":  # contention all along: every third pass is slow
-        cost = lambda b, call: quiet(b, call) * (3 if call % 3 == 0 else 1)  # noqa: E731
+        cost = every_third_pass_slowed()
     else:  # steady but implausible: a pass over 2 tokens takes three times as long as one over 5
         cost = lambda b, call: quiet(b, call) + (0.3 if b == 2 else 0)  # noqa: E731
     target = TimedTarget(cost, monkeypatch)
     profile = sps_profile(target, 8, tmp_path)
-    assert len(profile) == 8 and all(v > 0 for v in profile)
-    assert not (tmp_path / "sps").exists() or not list((tmp_path / "sps").glob("*.json"))
+    assert profile.noisy and len(profile.sps) == 8 and all(v > 0 for v in profile.sps)
     assert target.calls == 3 * (1 + 6 * 8)  # three attempts
     err = capsys.readouterr().err
-    assert "looks disturbed" in err and "not caching" in err
+    assert "looks disturbed" in err and "marked noisy" in err
     if kind == "spread":
         # the fastest of each B is the quiet time in every attempt: the profile is still right
-        assert profile == pytest.approx([1 / quiet(b, 0) for b in range(1, 9)])
+        assert profile.sps == pytest.approx([1 / quiet(b, 0) for b in range(1, 9)])
+    # Cached as noisy: the next start takes it at once, without measuring.
+    [cached] = (tmp_path / "sps").glob("*.json")
+    assert json.loads(cached.read_text())["noisy"] is True
+    calls = target.calls
+    assert sps_profile(target, 8, tmp_path) == profile and target.calls == calls
+
+
+def test_a_noisy_profile_keeps_each_passs_fastest_rate_until_a_measurement_settles(monkeypatch, tmp_path):
+    target = TimedTarget(every_third_pass_slowed(quiet=lambda b, call: quiet(b, call) * (1.5 if b == 3 else 1)), monkeypatch)
+    first = measure_profile(target, 8, tmp_path)
+    assert first.noisy and first.sps[2] == pytest.approx(1 / (1.5 * quiet(3, 0)))
+    # Measured again, still disturbed, with B=3 quiet this time and B=5 slowed: each B keeps its fastest rate yet.
+    target.cost = every_third_pass_slowed(quiet=lambda b, call: quiet(b, call) * (1.5 if b == 5 else 1))
+    second = measure_profile(target, 8, tmp_path)
+    assert second.noisy and second.sps == pytest.approx([1 / quiet(b, 0) for b in range(1, 9)])
+    assert cached_profile(target, 8, tmp_path) == second
+    # A measurement that settles replaces it, whatever the noisy one held.
+    target.cost = lambda b, call: quiet(b, call) * 1.1
+    third = measure_profile(target, 8, tmp_path)
+    assert not third.noisy and third.sps == pytest.approx([1 / (1.1 * quiet(b, 0)) for b in range(1, 9)])
+    assert cached_profile(target, 8, tmp_path) == third
+
+
+def test_a_measurement_stops_when_interrupted_and_caches_nothing(monkeypatch, tmp_path):
+    target = TimedTarget(quiet, monkeypatch)
+    rewound = []
+    target.rewind = rewound.append
+    asked = []
+    with pytest.raises(Interrupted):
+        measure_profile(target, 8, tmp_path, interrupted=lambda: asked.append(1) or len(asked) > 5)
+    assert target.calls == 1 + 5  # the context, then one pass per "no"
+    assert rewound[-1] == 0  # the target's cache is left empty, as after a whole measurement
+    assert not (tmp_path / "sps").exists()
 
 
 def test_disturbance_accepts_real_quiet_profiles_and_flags_busy_ones():
@@ -294,3 +332,38 @@ def test_engine_profiles_for_auto_with_prompt_lookup_too(tiny_target, monkeypatc
     engine = Engine(tiny_target, PromptLookupDrafter(), Scheduler("auto"))
     assert len(engine.scheduler_for().sps) == 11  # B = 1..block + 1
     assert Engine(tiny_target, None, Scheduler("auto")).scheduler_for().sps is None  # no drafter: no profile
+
+
+def test_auto_without_a_profile_verifies_every_draft():
+    assert Scheduler("auto").verify_count(7, CONFIDENT) == 7
+    assert Scheduler("auto").verify_count(10, None, match=1) == 10  # prompt lookup too
+
+
+def test_a_server_engine_never_waits_for_the_profile_and_measures_it_when_asked(tiny_target, monkeypatch, tmp_path):
+    """wait_for_profile=False (the server): the cached profile or none, never a measurement while loading or
+    answering; every draft is verified until measure_profile (the worker, between requests) has run, once."""
+    monkeypatch.setattr("dspark_chat.engine.engine.cache_dir", lambda: tmp_path)
+    measured = []
+    monkeypatch.setattr("dspark_chat.engine.engine.measure_profile",
+                        lambda *args, **kwargs: measured.append(kwargs.get("interrupted")) or Profile([9.0] * 11, noisy=True))
+    engine = Engine(tiny_target, PromptLookupDrafter(), Scheduler("auto"), wait_for_profile=False)
+    prompt = [7, 8, 9, 10, 11] * 4
+    tiny_target.rewind(0)
+    steps = list(engine.generate(prompt, max_new_tokens=20))
+    assert measured == [] and engine.profile is None and engine.profile_wanted
+    assert all(s.verified == len(s.draft_ids) for s in steps) and sum(s.verified for s in steps) > 0
+    ask = lambda: False  # noqa: E731
+    engine.measure_profile(interrupted=ask)
+    assert measured == [ask] and engine.scheduler.sps == [9.0] * 11 and engine.scheduler_for().sps == [9.0] * 11
+    assert not engine.profile_wanted  # noisy, but measured once in this process: the next one measures again
+    waiting = Engine(tiny_target, PromptLookupDrafter(), Scheduler("auto"))
+    assert waiting.scheduler_for().sps == [9.0] * 11 and len(measured) == 2  # the default waits, once
+
+
+def test_a_server_engine_takes_the_cached_profile_and_wants_a_noisy_one_measured_again(tiny_target, monkeypatch, tmp_path):
+    monkeypatch.setattr("dspark_chat.engine.engine.cache_dir", lambda: tmp_path)
+    path, key = scheduler_module._profile_path(tiny_target, 11, tmp_path)
+    for noisy in (True, False):
+        scheduler_module._save(path, key, Profile([9.0] * 11, noisy))
+        engine = Engine(tiny_target, PromptLookupDrafter(), Scheduler("auto"), wait_for_profile=False)
+        assert engine.scheduler_for().sps == [9.0] * 11 and engine.profile_wanted is noisy

@@ -125,6 +125,10 @@ def test_listening_line_health_and_models(server):
     assert set(server.states) <= {"loading", "ready"}
     health = server.http.get("/health").json()
     assert health["context_length"] == 1024 and "drafter block 7 in int8" in health["engine"]
+    # Start-up, part by part with its time, all done; no auto scheduler here, so no verify profile.
+    assert [p["name"] for p in health["phases"]] == [
+        "starting: Python, torch, transformers and the server", "loading the target", "loading the drafter (int8 on an x86 CPU)"]
+    assert all(p["done"] and p["seconds"] >= 0 for p in health["phases"]) and health["verify_profile"] is None
     models = server.openai().models.list()
     assert [m.id for m in models.data] == [server.name]
 
@@ -307,11 +311,24 @@ def test_bad_requests_get_clear_errors(server):
     assert server.chat({"messages": hello, "max_tokens": 2}).json()["usage"]["completion_tokens"] == 2
 
 
-def test_binding_beyond_loopback_needs_an_api_key(tiny_target_dir):
-    env = {k: v for k, v in os.environ.items() if k != "DSPARK_CHAT_API_KEY"}
-    done = subprocess.run([sys.executable, "-m", "dspark_chat.engine", "serve", "--target", str(tiny_target_dir), "--host", "0.0.0.0", "--port", "0"],
-                          capture_output=True, text=True, timeout=WAIT_S, env=env)
-    assert done.returncode == 2 and "--api-key" in done.stderr and done.stdout == ""
+@pytest.fixture
+def never_listens(monkeypatch):
+    """`serve` run in this process, where a server that got as far as listening fails the test instead of serving."""
+    from dspark_chat.engine import server as server_module
+
+    def listened(self, *args, **kwargs):
+        raise AssertionError("the server listened")
+
+    monkeypatch.setattr(server_module._Uvicorn, "run", listened)
+
+
+def test_binding_beyond_loopback_needs_an_api_key(tiny_target_dir, never_listens, monkeypatch, capsys):
+    from dspark_chat.engine import cli
+
+    monkeypatch.delenv("DSPARK_CHAT_API_KEY", raising=False)
+    assert cli.main(["serve", "--target", str(tiny_target_dir), "--host", "0.0.0.0", "--port", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert "--api-key" in err and out == ""
 
 
 def test_fuzzing_the_openapi_description_finds_no_server_error(lookup_server, tmp_path):
@@ -326,10 +343,12 @@ def test_fuzzing_the_openapi_description_finds_no_server_error(lookup_server, tm
     assert lookup_server.metrics()['dspark:request_success_total{finished_reason="length"}'] > 0
 
 
-def test_unknown_catalog_model_is_refused_before_listening():
-    done = subprocess.run([sys.executable, "-m", "dspark_chat.engine", "serve", "--model", "no-such-pair", "--port", "0"],
-                          capture_output=True, text=True, timeout=WAIT_S)
-    assert done.returncode == 2 and "not in the catalog" in done.stderr and done.stdout == ""
+def test_unknown_catalog_model_is_refused_before_listening(never_listens, capsys):
+    from dspark_chat.engine import cli
+
+    assert cli.main(["serve", "--model", "no-such-pair", "--port", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert "not in the catalog" in err and out == ""
 
 
 def test_internal_error_answers_500_with_an_id_and_the_server_goes_on(tiny_target_dir):
@@ -354,6 +373,53 @@ def test_internal_error_answers_500_with_an_id_and_the_server_goes_on(tiny_targe
         assert 'dspark:requests_failed_total 1' in client.get("/metrics").text
 
 
+def test_the_worker_measures_the_verify_profile_between_requests(tiny_target_dir, monkeypatch, tmp_path):
+    """A start waits for no SPS profile: with none cached every draft is verified, and the worker measures one
+    while idle. A request that arrives meanwhile stops the measurement and is answered at once; the worker
+    measures again once it is idle, and caches the result."""
+    from fastapi.testclient import TestClient
+
+    import dspark_chat.engine.scheduler as scheduler_module
+    from dspark_chat.engine.engine import Engine
+    from dspark_chat.engine.scheduler import Interrupted
+    from dspark_chat.engine.server import Service, create_app
+
+    monkeypatch.setattr("dspark_chat.engine.engine.cache_dir", lambda: tmp_path)
+    engine = Engine.load(str(tiny_target_dir), prompt_lookup=True, dtype="float32", device="cpu", wait_for_profile=False)
+    assert engine.profile is None and engine.profile_wanted
+    # Passes of at least 20 ms, so that the request surely lands inside the measurement (seconds).
+    monkeypatch.setattr(scheduler_module, "clock", lambda: (time.sleep(0.01), time.perf_counter())[1])
+    started, outcomes, real = threading.Event(), [], engine.measure_profile
+
+    def measure(interrupted):
+        started.set()
+        try:
+            real(interrupted)
+        except Interrupted:
+            outcomes.append("interrupted")
+            raise
+        outcomes.append("measured")
+
+    monkeypatch.setattr(engine, "measure_profile", measure)
+    service = Service("tiny")
+    service.attach(engine)
+    with TestClient(create_app(service)) as client:
+        assert started.wait(WAIT_S)
+        assert client.get("/health").json()["verify_profile"].startswith("not measured yet")
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "one two three one two three one two"}],
+                "max_tokens": 24, "temperature": 0}
+        spec, plain = client.post("/v1/chat/completions", json=body).json(), client.post("/v1/chat/completions", json=body | {"speculative": False}).json()
+        assert outcomes[0] == "interrupted"
+        assert spec["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+        assert spec["usage"]["dspark"]["verified"] == spec["usage"]["dspark"]["drafted"] > 0  # no profile: every draft verified
+        deadline = time.monotonic() + WAIT_S
+        while outcomes[-1] != "measured" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert outcomes[-1] == "measured" and engine.scheduler.sps and not engine.profile_wanted
+        assert client.get("/health").json()["verify_profile"] in ("measured", "noisy (measured while other work slowed the passes)")
+        assert len(list((tmp_path / "sps").glob("*.json"))) == 1
+
+
 def test_max_model_len_bounds_the_prompts_and_the_cache(tiny_target_dir):
     from dspark_chat.engine.engine import Engine
     from dspark_chat.engine.server import Service
@@ -367,14 +433,17 @@ def test_max_model_len_bounds_the_prompts_and_the_cache(tiny_target_dir):
     assert layers and all(isinstance(layer, GrowingLayer) and layer.limit == 100 for layer in layers)
 
 
-def test_a_compilation_that_fails_is_reported_then_the_server_serves_eagerly(tiny_target_dir):
-    """--compile on a machine without a C++ compiler: /health says it is compiling and for how long, then the
-    engine warns and serves the eager target."""
-    s = Server(tiny_target_dir, "--compile", "on", env={"CXX": "/nonexistent/g++"})
+def test_a_compilation_that_fails_is_reported_then_the_server_serves_eagerly(tiny_target_dir, tmp_path):
+    """--compile on a machine without a C++ compiler: compiling is a start-up phase of /health that says whether this
+    is the first start on this machine and about how long it takes; the engine then warns and serves the eager target.
+    A cache folder of its own: kernels the suite compiled before would need no compiler."""
+    s = Server(tiny_target_dir, "--compile", "on", env={"CXX": "/nonexistent/g++", "XDG_CACHE_HOME": str(tmp_path)})
     try:
-        assert s.states[0] in ("loading", "compiling") and "compiling" in s.states and s.states[-1] == "ready"
         health = s.http.get("/health").json()
-        assert "compiled" not in health["engine"]
+        names = [p["name"] for p in health["phases"]]
+        assert names[:2] == ["starting: Python, torch, transformers and the server", "loading the target"]
+        assert re.fullmatch(r"compiling \(first start on this machine, about \d+ s\)", names[-1]), names
+        assert all(p["done"] for p in health["phases"]) and "compiled" not in health["engine"]
         assert s.chat({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).status_code == 200
     finally:
         s.close()

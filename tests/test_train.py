@@ -368,9 +368,10 @@ def test_ece_is_zero_for_calibrated_bins_and_large_for_confident_mistakes():
 
 
 @pytest.mark.slow
-def test_the_embedded_model_gets_the_shipped_drafter_and_decodes_losslessly_with_it():
-    from dspark_chat.engine.dspark import DSparkDrafter
+def test_the_embedded_model_gets_the_shipped_drafter_and_decodes_losslessly_with_it(smollm2, monkeypatch):
+    import dspark_chat.engine.engine as engine_module
     from dspark_chat.engine.catalog import SHIPPED_DRAFTERS
+    from dspark_chat.engine.dspark import DSparkDrafter
     from dspark_chat.engine.engine import Engine
     from dspark_chat.engine.prompt_lookup import LookupOrDraft
 
@@ -378,11 +379,14 @@ def test_the_embedded_model_gets_the_shipped_drafter_and_decodes_losslessly_with
     assert (folder / "model.safetensors").stat().st_size <= 25_000_000
     with safe_open(folder / "model.safetensors", "pt") as f:
         assert not {"embed_tokens.weight", "lm_head.weight"} & set(f.keys())
+    loaded = []  # the session's SmolLM2 stands in for loading it again: what Engine.load adds to it is the drafter
+    monkeypatch.setattr(engine_module, "load_target", lambda spec, *args, **kwargs: loaded.append(spec) or smollm2)
     engine = Engine.load("smollm2", dtype="float32", device="cpu", scheduler="off")
     assert isinstance(engine.drafter, LookupOrDraft) and engine.scheduler.temperatures  # with prompt lookup
     assert isinstance(engine.drafter.drafter, DSparkDrafter)
     assert engine.drafter.drafter.embed_tokens is engine.target.model.get_input_embeddings()
     assert Engine.load("smollm2", dtype="float32", device="cpu", default_drafter=False).drafter is None
+    assert loaded == ["smollm2", "smollm2"]
     ids = engine.chat_ids([{"role": "user", "content": "Natalia sold clips to 48 of her friends in April, and then she sold "
                                                           "half as many clips in May. How many clips did she sell altogether?"}])
     spec = [s.to_dict() for s in engine.generate(ids, max_new_tokens=48)]

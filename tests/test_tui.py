@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from textual import events
+from textual.app import App
 
 from dspark_chat.app.engine_client import EngineProcess
 from dspark_chat.app.history import History
@@ -65,7 +67,11 @@ async def ask(pilot, text: str) -> Answer:
 
 
 async def chat_ready(pilot) -> ChatScreen:
-    await until(pilot, lambda: isinstance(pilot.app.screen, ChatScreen), "the chat screen")
+    """The chat screen, once it is mounted: the screen is current a moment before its widgets are."""
+    def mounted() -> bool:
+        screen = pilot.app.screen
+        return isinstance(screen, ChatScreen) and screen.is_mounted and bool(screen.query(ChatInput))
+    await until(pilot, mounted, "the chat screen")
     return pilot.app.screen
 
 
@@ -144,7 +150,7 @@ def test_pick_a_pair_chat_settings_cancel_and_history(tiny_hub):
             # History: a new chat, then the saved one again, then its export.
             first_id = chat.conversation.id
             await pilot.press("ctrl+n")
-            await until(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.conversation.id != first_id, "a new chat")
+            await until(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.is_mounted and app.screen.conversation.id != first_id, "a new chat")
             await pilot.press("ctrl+l")
             await until(pilot, lambda: isinstance(app.screen, HistoryScreen), "the history")
             assert [c.id for c in app.screen.conversations] == [first_id]
@@ -154,7 +160,7 @@ def test_pick_a_pair_chat_settings_cancel_and_history(tiny_hub):
             exported = export_dir / "dspark-chat" / f"{first_id}.md"
             assert exported.read_text() == history.export_markdown(saved)
             await pilot.press("enter")
-            await until(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.conversation.id == first_id, "the resumed chat")
+            await until(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.is_mounted and app.screen.conversation.id == first_id, "the resumed chat")
             resumed = [a.content for a in app.screen.query(Answer)]
             assert resumed == [m["content"] for m in saved.messages]
             # Delete takes two presses.
@@ -203,7 +209,9 @@ def test_engine_crash_is_reported_and_restart_keeps_the_conversation(tiny_hub):
             assert "engine stopped" in str(chat.query_one(StatusBar).render()) and "F5" in str(chat.query_one(StatusBar).render())
             chat.query_one(ChatInput).insert("while it is down")
             await pilot.press("enter")
-            assert len(chat.conversation.messages) == 2  # refused, and nothing lost
+            await pilot.pause()
+            assert len(chat.conversation.messages) == 2  # refused, and nothing lost:
+            assert chat.query_one(ChatInput).text == "while it is down"  # the prompt is back in the input
             chat.query_one(ChatInput).clear()
             await pilot.press("f5")
             await until(pilot, lambda: app.screen is chat and not app.engine_down, "the restart")
@@ -324,3 +332,29 @@ def test_engine_that_fails_to_start_says_why(tmp_path, monkeypatch):
 def test_app_never_imports_torch():
     code = "import sys; import dspark_chat.app.tui, dspark_chat.app.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_enter_and_ctrl_j_act_where_they_come_among_keys_sent_at_once():
+    """Keys queued together, as a terminal delivers a burst (text typed fast, or pasted, then Enter): Enter sends
+    exactly the text before it, ctrl+j adds its line where it comes, and the keys after Enter start the next prompt."""
+    sent = []
+
+    class OneInput(App):
+        def compose(self):
+            yield ChatInput()
+
+        def on_chat_input_submitted(self, message: ChatInput.Submitted) -> None:
+            sent.append(message.text)
+
+    async def run():
+        app = OneInput()
+        async with app.run_test() as pilot:
+            for key in [*"first", "ctrl+j", *"line", "enter", *"next", "ctrl+j", "enter", *"ok"]:
+                app.post_message(events.Key(key, key if len(key) == 1 else None))
+            app.post_message(events.Paste("pasted\ntext"))
+            app.post_message(events.Key("enter", "\r"))
+            await pilot.pause()
+            assert sent == ["first\nline", "next", "ok" + "pasted\ntext"]
+            assert app.query_one(ChatInput).text == ""
+
+    asyncio.run(run())

@@ -37,6 +37,12 @@ WAIT_S = 30  # bound on waiting for a worker inside the app; the screens settle 
 DOWNLOADING = {"status": "downloading", "message": "Qwen/Qwen3-4B: model-00002-of-00003.safetensors",
                "progress": {"done": 4_012_345_678, "total": 10_847_080_000, "file": "model-00002-of-00003.safetensors",
                             "file_done": 1_204_000_000, "file_size": 3_957_900_000}}
+LOADING = {"status": "loading", "message": "loading the drafter (int8 on an x86 CPU)", "phases": [
+    {"name": "starting: Python, torch, transformers and the server", "seconds": 3.14, "done": True},
+    {"name": "converting the GGUF file to safetensors (once per file)", "seconds": 27.9, "done": True},
+    {"name": "loading the target", "seconds": 1.23, "done": True},
+    {"name": "measuring this CPU's matrix products (once per model and machine)", "seconds": 34.6, "done": True},
+    {"name": "loading the drafter (int8 on an x86 CPU)", "seconds": 0.4, "done": False}]}
 DOWNLOAD_FAILED = {"status": "error", "message": (
     "downloading model-00002-of-00003.safetensors from Qwen/Qwen3-4B failed (the connection was reset): "
     "run `dspark-chat pull Qwen/Qwen3-4B` again, it resumes where it stopped")}
@@ -178,6 +184,21 @@ def test_start_downloading(snap_compare, tmp_path, monkeypatch):
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
 
+def test_start_loading_phases(snap_compare, tmp_path, monkeypatch):
+    """Enter on the embedded pair (the first row); the engine is loading: each start-up phase so far with its time,
+    the one running last (its time still counting, marked with an ellipsis)."""
+    monkeypatch.setattr(tui, "EngineProcess", FakeProcess)
+    monkeypatch.setattr(tui, "EngineClient", scripted_client([LOADING]))
+    app = DSparkChat(catalog_rows=ROWS, history=History(tmp_path))
+
+    async def run_before(pilot):
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, StartScreen) and "0.4 s" in text(pilot, "#phases"), "the phases")
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
 def test_start_error(snap_compare, tmp_path, monkeypatch):
     """The download then fails: the screen says the engine could not start, shows the engine's message and how
     to go on (r retries, escape goes back). The bar is hidden by the error state, but the last bytes line stays."""
@@ -192,23 +213,6 @@ def test_start_error(snap_compare, tmp_path, monkeypatch):
         await settle(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
-
-
-def test_start_says_the_engine_is_compiling_and_for_how_long(tmp_path, monkeypatch):
-    """A first start with --compile: the engine's /health says so, with its estimate, and the screen shows it."""
-    compiling = {"status": "compiling", "message": "first start on this machine, about 150 s", "progress": None}
-    monkeypatch.setattr(tui, "EngineProcess", FakeProcess)
-    monkeypatch.setattr(tui, "EngineClient", scripted_client([compiling]))
-    app = DSparkChat(catalog_rows=ROWS, history=History(tmp_path))
-
-    async def run():
-        async with app.run_test(size=SIZE) as pilot:
-            await pilot.press("down", "enter")
-            await until(pilot, lambda: isinstance(app.screen, StartScreen) and text(pilot, "#state").startswith("compiling"),
-                        "the compiling state")
-            assert text(pilot, "#state") == "compiling: first start on this machine, about 150 s"
-
-    asyncio.run(run())
 
 
 # ---------------------------------------------------------------- chatting
