@@ -44,8 +44,8 @@ from .target import Target, TokenLog, device_ids
 FAMILIES = ("llama", "qwen2", "qwen3")  # decoder layers: norm, attention (q/k norm for Qwen3), norm, gated MLP
 CPU_KEY_STEP = 64  # on a CPU attention reads the cache up to the next multiple of this
 # Seconds per layer of a first compilation where this machine has compiled nothing yet (CPU, CUDA):
-# SmolLM2's 30 layers took 72 s for one graph on the 2-core CPU.
-FIRST_COMPILE_GUESS = (4.8, 1.0)
+# SmolLM2's 30 layers took 67-72 s on the 2-core CPU (CUDA: a guess, untried).
+FIRST_COMPILE_GUESS = (2.4, 1.0)
 # Where `--compile auto` compiles. CUDA: graphs remove the launch overhead that dominates a pass there
 # (to confirm with bench/gpu_check.py). The CPU only where the bench measured that it pays.
 COMPILE_BY_DEFAULT = ("cuda",)
@@ -273,6 +273,7 @@ def compile_target(target: Target, max_width: int, feature_layers: tuple[int, ..
         return target
     compiled = CompiledTarget(target.model, target.tokenizer, target.name, target.cpu_linear, max_width, feature_layers,
                               target.max_length)
+    compiled.stop_ids = target.stop_ids  # it stops where the eager target was told to
     folder = cache_folder(cache, target.device)
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")  # inductor reads it at every cache access
@@ -282,9 +283,11 @@ def compile_target(target: Target, max_width: int, feature_layers: tuple[int, ..
     if key in seconds:
         line = f"cached on this machine, about {seconds[key]['later'] or seconds[key]['first']:.0f} s"
     else:
-        # Compiling takes about as long per layer: scale this machine's last first start, if any.
-        rates = [entry["first"] / entry["layers"] for entry in seconds.values()]
-        guess = (rates[-1] if rates else FIRST_COMPILE_GUESS[target.device.type == "cuda"]) * target.num_layers
+        # Compiling takes about as long per layer: scale this machine's first start of its deepest model, if any
+        # (a shallow test model's fixed costs would inflate the per-layer time: 17 s against SmolLM2's 2.2 s).
+        deepest = max(seconds.values(), key=lambda entry: entry["layers"], default=None)
+        rate = deepest["first"] / deepest["layers"] if deepest else FIRST_COMPILE_GUESS[target.device.type == "cuda"]
+        guess = rate * target.num_layers
         line = f"first start on this machine, about {guess:.0f} s"
     if announce:
         announce(line)
