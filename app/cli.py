@@ -9,7 +9,8 @@ import sys
 ENGINE_COMMANDS = {"generate": "answer one prompt and print decoding statistics", "serve": "OpenAI-compatible engine server with live speculative-decoding stats",
                    "pull": "download a model pair ahead of time", "models": "list the catalog, what is downloaded and what fits",
                    "bench": "measure decoding modes side by side on a prompt file",
-                   "train": "train a DSpark drafter for a target (online distillation)"}
+                   "train": "train a DSpark drafter for a target (online distillation)",
+                   "export": "write a drafter in a layout other engines load (speculators or DeepSpec's)"}
 
 USAGE = """usage: dspark-chat [--model PAIR | --engine-url URL [--api-key KEY]] [--compile auto|on|off]
        dspark-chat COMMAND [options]

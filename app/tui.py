@@ -31,6 +31,7 @@ from .history import Conversation, History, HistoryError
 DEFAULT_SETTINGS = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 512, "block_size": None, "scheduler": "auto",
                     "speculative": True, "seed": None}
 READY = ("yes", "built in")  # `downloaded` values of a pair that needs no download
+FORMAT_NAMES = {"deepspec": "DeepSpec's layout", "speculators": "speculators format"}
 REDRAW_S = 0.25  # streamed text and live statistics are redrawn at most this often: a layout pass costs ~30 ms
 
 
@@ -72,6 +73,14 @@ async def load_catalog_rows() -> list[dict]:
     return sorted(rows, key=lambda r: (not r["fits"], r["downloaded"] not in READY))
 
 
+def grouped_by_target(rows: list[dict]) -> list[dict]:
+    """The rows with each target's pairs together, the targets in the order their first pair comes."""
+    first: dict[str, int] = {}
+    for r in rows:
+        first.setdefault(r["target"], len(first))
+    return sorted(rows, key=lambda r: first[r["target"]])
+
+
 @dataclass
 class Connection:
     """Where answers come from: our engine process (with its round events) or any OpenAI-compatible server."""
@@ -96,7 +105,7 @@ class PickerScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static("Pick a target + drafter pair. Type to filter; Enter starts it.", id="intro")
+        yield Static("Pick a target + drafter pair (each target's drafters together). Type to filter; Enter starts it.", id="intro")
         yield Input(placeholder="filter: name, kind, model…", id="filter")
         yield DataTable(cursor_type="row", zebra_stripes=True, id="pairs")
         yield Static("", id="explanation")
@@ -104,7 +113,7 @@ class PickerScreen(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns("pair", "kind", "target", "download", "downloaded", "plan for this machine")
+        table.add_columns("target", "pair", "kind", "download", "downloaded", "plan for this machine")
         if self.rows is None:
             self.query_one("#explanation", Static).update("Reading the catalog and this machine's memory…")
             self.load_rows()
@@ -127,20 +136,26 @@ class PickerScreen(Screen):
         words = self.query_one("#filter", Input).value.lower().split()
         table = self.query_one(DataTable)
         table.clear()
-        self.shown = [r for r in self.rows if all(w in " ".join(map(str, (r["name"], r["kind"], r["target"], r["description"]))).lower()
-                                                  for w in words)]
-        for r in self.shown:
+        self.shown = grouped_by_target([r for r in self.rows if all(
+            w in " ".join(map(str, (r["name"], r["kind"], r["target"], r["description"]))).lower() for w in words)])
+        for i, r in enumerate(self.shown):
             size = "-" if not r["download_bytes"] else ("~" if r["estimated"] else "") + f"{r['download_bytes'] / 1e9:.1f} GB"
             plan = Text(r["plan"], style="" if r["fits"] else "red")
-            table.add_row(r["name"], r["kind"], r["target"], size, r["downloaded"], plan)
+            target = r["target"] if i == 0 or self.shown[i - 1]["target"] != r["target"] else ""  # named once per group
+            table.add_row(target, r["name"], r["kind"], size, r["downloaded"], plan)
         self.explain()
 
     @on(DataTable.RowHighlighted)
     def explain(self) -> None:
         row = self.highlighted()
-        text = Text("No pair matches the filter.") if row is None else Text.assemble(
-            (row["name"], "bold"), f": {row['description']}\n{row['explanation']}")
-        self.query_one("#explanation", Static).update(text)
+        if row is None:
+            self.query_one("#explanation", Static).update(Text("No pair matches the filter."))
+            return
+        pairs = [r["name"] for r in self.rows if r["target"] == row["target"]]
+        drafter = f"drafter {row['drafter']}, {FORMAT_NAMES[row['drafter_format']]}; " if row["drafter"] else ""
+        others = f"{len(pairs)} pairs for {row['target']}: {', '.join(pairs)}" if len(pairs) > 1 else f"the only pair for {row['target']}"
+        self.query_one("#explanation", Static).update(Text.assemble(
+            (row["name"], "bold"), f": {row['description']}\n{drafter}{others}\n{row['explanation']}"))
 
     def highlighted(self) -> dict | None:
         table = self.query_one(DataTable)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import platformdirs
 
+from .hybrid_families import SCANS
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -31,6 +33,8 @@ LOOKUP_KINDS = ("prompt-lookup", "dspark+lookup")
 # relative to this file (pyproject.toml maps engine/../models/... to dspark_chat/models/...).
 SHIPPED_DRAFTERS = {EMBEDDED: Path(__file__).resolve().parent.parent / "models" / "smollm2-dspark"}
 DTYPES = ("bfloat16", "float16", "float32", "q4_1", "q8_0")
+# On-disk layouts of drafter checkpoints (engine/loading.py reads both; engine/export.py writes both).
+FORMATS = ("deepspec", "speculators")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -65,6 +69,12 @@ class Target:
     dtype: str
     download_bytes: int
     estimated: tuple[str, ...] = ()
+    remote_code: bool = False  # transformers runs it only with the repository's own code: refused, never run
+    # Hybrids (layers with a recurrent or convolution state beside attention): config.json's text model type,
+    # the layers that keep keys and values (0: all), and the fixed bytes of state one sequence keeps.
+    model_type: str = ""
+    attention_layers: int = 0
+    state_bytes: int = 0
 
     @property
     def embedded(self) -> bool:
@@ -76,7 +86,9 @@ class Target:
         return self.repo if self.embedded or self.revision == "main" else f"{self.repo}@{self.revision}"
 
     def kv_bytes_per_token(self, dtype_bytes: float, layers: int | None = None) -> float:
-        return 2 * (self.layers if layers is None else layers) * self.kv_heads * self.head_dim * dtype_bytes
+        if layers is None:
+            layers = self.attention_layers or self.layers
+        return 2 * layers * self.kv_heads * self.head_dim * dtype_bytes
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,7 @@ class Pair:
     drafter_params: int = 0
     drafter_dtype: str | None = None
     drafter_download_bytes: int = 0
+    drafter_format: str = "deepspec"
     estimated: tuple[str, ...] = ()
     source: Path | None = None
 
@@ -129,6 +142,19 @@ class Catalog:
     pairs: dict[str, Pair]
     default: str
     files: tuple[Path, ...]
+
+    def pairs_for(self, target: str) -> list[Pair]:
+        """The pairs whose target is `target`: a [targets.NAME] name or a Hub id (case and @revision aside).
+        CatalogError when the catalog knows no such target, naming the closest ones."""
+        repo = target.partition("@")[0].lower()
+        found = [p for p in self.pairs.values() if target == p.target.name or repo == p.target.repo.lower()]
+        if found:
+            return found
+        names = sorted({t.name for t in self.targets.values()} | {t.repo for t in self.targets.values()})
+        close = difflib.get_close_matches(target, names, n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise CatalogError(f"the catalog knows no drafter for {target!r}{hint}; `dspark-chat models` lists its targets, and "
+                           "a drafter of your own runs with --target and --drafter")
 
     def pair(self, name: str) -> Pair:
         if name in self.pairs:
@@ -173,16 +199,22 @@ def _kind(v):
     return None if v in KINDS else f"expected one of {', '.join(KINDS)}, got {v!r}"
 
 
+def _format(v):
+    return None if v in FORMATS else f"expected one of {', '.join(FORMATS)}, got {v!r}"
+
+
 TARGET_FIELDS = {
     "repo": (_repo, True), "revision": (_text, False), "license": (_text, True), "params": (_positive, True),
     "layers": (_positive, True), "hidden_size": (_positive, True), "attention_heads": (_positive, True),
     "kv_heads": (_positive, True), "head_dim": (_positive, True), "vocab_size": (_positive, True),
     "max_positions": (_positive, True), "tied_embeddings": (_flag, True), "dtype": (_dtype, True),
-    "download_bytes": (_size, True), "estimated": (_names, False),
+    "download_bytes": (_size, True), "estimated": (_names, False), "remote_code": (_flag, False), "model_type": (_text, False),
+    "attention_layers": (_positive, False), "state_bytes": (_size, False),
 }
 DRAFTER_FIELDS = {
     "drafter": (_repo, True), "drafter_revision": (_text, False), "drafter_layers": (_positive, True),
     "drafter_params": (_positive, True), "drafter_dtype": (_dtype, True), "drafter_download_bytes": (_size, True),
+    "drafter_format": (_format, False),
 }
 PAIR_FIELDS = {
     "description": (_text, False), "target": (_text, True), "kind": (_kind, True), "block_size": (_positive, True),
@@ -316,9 +348,16 @@ def load_catalog(files: list[Path] | None = None) -> Catalog:
         if d["kv_heads"] > d["attention_heads"] or d["attention_heads"] % d["kv_heads"]:
             problems.add(source, f"targets.{name}", "kv_heads", "must divide attention_heads")
             continue  # its pairs are not reported again
+        if d.get("attention_layers", 0) > d["layers"]:
+            problems.add(source, f"targets.{name}", "attention_layers", f"more than its {d['layers']} layers")
+            continue
+        if d.get("state_bytes") and "model_type" not in d:
+            problems.add(source, f"targets.{name}", "state_bytes", "a target with recurrent or convolution state names "
+                         "its model_type (config.json's, of the text model), which decides whether it can speculate")
+            continue
         built_targets[name] = Target(
             name=name, revision=d.get("revision", "main"), estimated=tuple(d.get("estimated", ())),
-            **{k: d[k] for k in TARGET_FIELDS if k not in ("revision", "estimated")},
+            **{k: d[k] for k in TARGET_FIELDS if k in d and k not in ("revision", "estimated")},
         )
     built_pairs = {}
     for name, (source, d) in pairs.items():
@@ -329,6 +368,12 @@ def load_catalog(files: list[Path] | None = None) -> Catalog:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.add(source, f"pairs.{name}", "target", f"no [targets.{d['target']}] in the catalog{hint}")
             continue
+        target = built_targets[d["target"]]
+        if d["kind"] != "none" and target.state_bytes and target.model_type not in SCANS:
+            problems.add(source, f"pairs.{name}", "kind", f"target {d['target']} ({target.model_type}) keeps a recurrent "
+                         f"or convolution state that dspark-chat rolls back exactly only for {', '.join(SCANS)}: "
+                         "speculation would not give its own text; use kind = \"none\"")
+            continue
         if d["kind"] == "dspark+lookup" and "drafter" not in d and shipped_drafter(built_targets[d["target"]].spec) is None:
             problems.add(source, f"pairs.{name}", "kind", f"dspark+lookup without a drafter takes the drafter this project "
                          f"ships for the target, and there is none for {d['target']}: add the drafter fields")
@@ -338,8 +383,8 @@ def load_catalog(files: list[Path] | None = None) -> Catalog:
             block_size=d.get("block_size", 0), license=d["license"], drafter=d.get("drafter"),
             drafter_revision=d.get("drafter_revision", "main"), drafter_layers=d.get("drafter_layers", 0),
             drafter_params=d.get("drafter_params", 0), drafter_dtype=d.get("drafter_dtype"),
-            drafter_download_bytes=d.get("drafter_download_bytes", 0), estimated=tuple(d.get("estimated", ())),
-            source=source.path,
+            drafter_download_bytes=d.get("drafter_download_bytes", 0), drafter_format=d.get("drafter_format", "deepspec"),
+            estimated=tuple(d.get("estimated", ())), source=source.path,
         )
     if default is None or default not in built_pairs:
         problems.lines.append(f"{files[-1]}: default: {default!r} is not a pair of the catalog")

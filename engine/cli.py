@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_catalog_commands(commands)
     _add_bench_command(commands)
     _add_train_command(commands)
+    _add_export_command(commands)
     return parser
 
 
@@ -51,8 +52,8 @@ def _add_model_flags(sub) -> None:
     model = sub.add_mutually_exclusive_group()
     model.add_argument("--target", default="smollm2", help="model folder, Hub id, .gguf file, or smollm2 (embedded, the default)")
     model.add_argument("--model", help="a pair from the catalog: target and drafter, placed as `dspark-chat models NAME` plans")
-    sub.add_argument("--drafter", help="DSpark/DFlash drafter folder or Hub id (DeepSpec layout), or an Eagle3 drafter "
-                                       "(DeepSpec's or speculators' layout)")
+    sub.add_argument("--drafter", help="drafter folder or Hub id: DSpark/DFlash (DeepSpec's layout or the speculators "
+                                       "format) or Eagle3 (DeepSpec's or speculators' layout)")
     sub.add_argument("--prompt-lookup", action="store_true",
                      help="draft by copying from the context (no model); with --drafter: copy where the context "
                           "repeats itself, draft with the model elsewhere")
@@ -95,9 +96,12 @@ def _add_train_command(commands) -> None:
     t.add_argument("--prompts", nargs="+", action="append", required=True, metavar="FILE",
                    help="JSON lines with 'turns' (first turn used) or 'prompt'; several files are mixed evenly. Repeat "
                         "--prompts to add a group that is answered and cached on its own: the other groups' answers are reused")
-    t.add_argument("--out", required=True, help="output folder: the drafter (DeepSpec layout), calibration.json, checkpoint/ to resume from")
+    t.add_argument("--out", required=True, help="output folder: the drafter, calibration.json, checkpoint/ to resume from")
+    t.add_argument("--format", choices=["speculators", "deepspec"], default="speculators",
+                   help="the drafter's layout: speculators (the default: vLLM and llama.cpp load it as is, draft vocabulary "
+                        "included) or deepspec (DeepSpec's, which drafts over the whole vocabulary elsewhere)")
     t.add_argument("--init", metavar="DRAFTER",
-                   help="start from this DSpark drafter (folder or Hub id, DeepSpec layout) instead of random weights: "
+                   help="start from this DSpark drafter (folder or Hub id, either layout) instead of random weights: "
                         "its architecture and draft vocabulary are kept, but for --layers and --intermediate-size")
     t.add_argument("--layers", type=int,
                    help="drafter decoder layers (default 2); with --init, more than its layers adds layers that start as no-ops")
@@ -124,12 +128,25 @@ def _add_train_command(commands) -> None:
     t.add_argument("--data-only", action="store_true", help="generate (or complete) the cached answers and stop")
     t.add_argument("--eval-every", type=int, default=50, help="steps between held-out acceptance estimates")
     t.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (and drafter snapshots)")
-    t.add_argument("--omit-embeddings", action="store_true", help="leave embed_tokens/lm_head out (the loader takes the target's)")
+    t.add_argument("--omit-embeddings", action="store_true",
+                   help="with --format deepspec, leave embed_tokens/lm_head out (loaders take the target's; the speculators format always does)")
     t.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="bfloat16")
     t.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32", help="target dtype (default float32)")
     t.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--seed", type=int, default=0)
+
+
+def _add_export_command(commands) -> None:
+    e = commands.add_parser("export", help="write a drafter in a layout other engines load as is (speculators or DeepSpec's)")
+    e.add_argument("drafter", help="the drafter: folder or Hub id, in either layout")
+    e.add_argument("--format", choices=["speculators", "deepspec"], required=True,
+                   help="speculators: vLLM and llama.cpp's converter take it, draft vocabulary included (d2t); "
+                        "deepspec: DeepSpec's layout, which other engines draft with over the whole vocabulary")
+    e.add_argument("--out", required=True, help="a new (or empty) folder for the exported drafter")
+    e.add_argument("--target", default="smollm2", help="the drafter's target (default smollm2): checks the pair and gives the LM-head rows")
+    e.add_argument("--verifier", help="the target's name to record (default: the drafter's own, else the target's Hub id)")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: the drafter's)")
 
 
 def _at_least_one(value: str) -> int:
@@ -230,6 +247,8 @@ def _add_catalog_commands(commands) -> None:
     pull.add_argument("--json", action="store_true", help="progress and results as JSON lines on stdout")
     models = commands.add_parser("models", help="list the catalog: size, downloaded or not, the plan for this machine")
     models.add_argument("name", nargs="?", help="explain the plan for one pair")
+    models.add_argument("--target", metavar="TARGET",
+                        help="list the drafters the catalog knows for this target: a Hub id (Qwen/Qwen3-8B) or a catalog target name")
     models.add_argument("--json", action="store_true", help="one JSON object per pair")
     for sub in (pull, models):
         sub.add_argument("--context", type=int, help="tokens of context to plan the KV cache for (default 8192)")
@@ -282,7 +301,9 @@ def models(args) -> int:
     from .hardware import PlanError, detect
 
     catalog, hardware = load_catalog(), detect()
-    pairs = [catalog.pair(args.name)] if args.name else list(catalog.pairs.values())
+    if args.name and args.target:
+        raise ValueError("name a pair or a --target, not both")
+    pairs = [catalog.pair(args.name)] if args.name else catalog.pairs_for(args.target) if args.target else list(catalog.pairs.values())
     rows = []
     for pair in pairs:
         if pair.repos():
@@ -301,7 +322,8 @@ def models(args) -> int:
         for pair, status, plan, summary, explanation in rows:
             print(json.dumps({
                 "name": pair.name, "description": pair.description, "kind": pair.kind, "target": pair.target.repo,
-                "drafter": pair.drafter, "download_bytes": pair.download_bytes, "estimated": pair.has_estimates,
+                "drafter": pair.drafter, "drafter_format": drafter_format(pair), "drafter_bytes": pair.drafter_download_bytes,
+                "download_bytes": pair.download_bytes, "estimated": pair.has_estimates,
                 "downloaded": status, "fits": plan is not None, "plan": summary, "explanation": explanation,
             }))
         return 0
@@ -310,18 +332,46 @@ def models(args) -> int:
         pair, status, plan, summary, explanation = rows[0]
         print(f"{pair.name}: {pair.description}\nlicense: {pair.license}\ndownloaded: {status}\n{explanation}")
         return 0
-    print(f"{'NAME':<20} {'KIND':<14} {'TARGET':<22} {'DOWNLOAD':>10}  {'DOWNLOADED':<11} PLAN")
+    if args.target:
+        target = rows[0][0].target
+        print(f"drafters for {target.repo} ({target.name} in the catalog):")
+        wide = max(44, *(len(pair.drafter or "") for pair, *_ in rows))
+        print(f"{'NAME':<28} {'KIND':<14} {'FORMAT':<12} {'DRAFTER':<{wide}} {'SIZE':>9}  {'DOWNLOADED':<11} PLAN")
+        for pair, status, plan, summary, explanation in rows:
+            size = _gigabytes(pair.drafter_download_bytes, "drafter_download_bytes" in pair.estimated) if pair.drafter else "-"
+            drafter = pair.drafter or ("shipped" if pair.kind == "dspark+lookup" else "-")
+            print(f"{pair.name:<28} {pair.kind:<14} {drafter_format(pair):<12} {drafter:<{wide}} {size:>9}  {status:<11} {summary}")
+        print("\n`dspark-chat models NAME` explains a plan; `dspark-chat pull NAME` downloads a pair.")
+        return 0
+    wide = max(26, *(len(pair.target.repo) for pair, *_ in rows))  # a long target id keeps the columns aligned
+    print(f"{'NAME':<28} {'KIND':<14} {'FORMAT':<12} {'TARGET':<{wide}} {'DOWNLOAD':>10}  {'DOWNLOADED':<11} PLAN")
     for pair, status, plan, summary, explanation in rows:
-        size = ("~" if pair.has_estimates else "") + f"{pair.download_bytes / 1e9:.1f} GB" if pair.repos() else "-"
-        print(f"{pair.name:<20} {pair.kind:<14} {pair.target.repo:<22} {size:>10}  {status:<11} {summary}")
-    print("\n`dspark-chat models NAME` explains a plan; `dspark-chat pull NAME` downloads a pair.")
+        size = _gigabytes(pair.download_bytes, pair.has_estimates) if pair.repos() else "-"
+        print(f"{pair.name:<28} {pair.kind:<14} {drafter_format(pair):<12} {pair.target.repo:<{wide}} {size:>10}  {status:<11} {summary}")
+    print("\n`dspark-chat models NAME` explains a plan; `dspark-chat models --target T` lists the drafters for a target; "
+          "`dspark-chat pull NAME` downloads a pair.")
     return 0
+
+
+def drafter_format(pair) -> str:
+    """The drafter checkpoint's layout, or "-" for a pair without one."""
+    return pair.drafter_format if pair.drafter or pair.kind == "dspark+lookup" else "-"
+
+
+def _gigabytes(size: int, estimated: bool) -> str:
+    return ("~" if estimated else "") + f"{size / 1e9:.1f} GB"
 
 
 def train(args) -> int:
     from .train import main as run_train
 
     return run_train(args)
+
+
+def export(args) -> int:
+    from .export import main as run_export
+
+    return run_export(args)
 
 
 def bench(args) -> int:
@@ -335,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     from .loading import LoadError
 
     try:
-        return {"generate": generate, "serve": serve, "pull": pull, "models": models, "bench": bench, "train": train}[args.command](args)
+        return {"generate": generate, "serve": serve, "pull": pull, "models": models, "bench": bench, "train": train,
+                "export": export}[args.command](args)
     except (LoadError, ValueError) as e:
         print(f"dspark-chat: error: {e}", file=sys.stderr)
         return 2

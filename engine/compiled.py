@@ -115,6 +115,7 @@ class CompiledTarget(Target):
         self.buffers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self.compiled = None
         self.warmed = False  # compile() ran its passes: from then on a failing pass falls back to eager
+        self.hybrid = None  # refusal() keeps targets with recurrent states eager: every compiled cache rolls back exactly
         super().__init__(model, tokenizer, name, cpu_linear)
         if max_length:
             self.max_length = min(self.max_length, max_length)

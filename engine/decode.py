@@ -104,6 +104,8 @@ def decode(
     started = time.perf_counter()
     if not prompt_ids:
         raise ValueError("the prompt is empty")
+    if drafter is not None and target.speculation_refusal:
+        raise ValueError(target.speculation_refusal)
     room = target.max_length - len(prompt_ids)
     if room <= 0:
         raise ContextLengthError(f"the prompt has {len(prompt_ids)} tokens; the model's context holds {target.max_length}")

@@ -5,6 +5,12 @@ block at once; the Markov head makes the block left-to-right; the confidence hea
 position, the chance that the target accepts the draft given that it accepted everything before it.
 DeepSpec's DFlash checkpoints are the same model with no Markov head and no confidence head.
 Module and parameter names follow DeepSpec's checkpoints so a released model.safetensors loads as is.
+
+The speculators format (engine/speculators.py) adds three things its checkpoints may use: the 1+N block
+(`sample_from_anchor` false: the anchor's own slot drafts nothing, slots 1.. draft), a draft vocabulary
+whose LM-head and Markov output rows the checkpoint carries (`draft_vocab_size`), and sliding-window
+layers (the block sees only the last `window` context positions, and itself causally unless
+`sliding_window_non_causal`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding, rotate_half
 
-from dspark_chat.kernels.markov import markov_draft
+from dspark_chat.kernels.markov import markov_bias, markov_draft
 
 from .sampling import Proposal, Sampling
 
@@ -30,10 +36,12 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class DraftAttention(nn.Module):
-    """Block queries attend, with no causal mask, to every context position and the whole block."""
+    """Block queries attend, with no causal mask, to every context position and the whole block; with a
+    window, to the last `window` context positions only, and (causal_block) to the block causally."""
 
-    def __init__(self, config: Qwen3Config):
+    def __init__(self, config: Qwen3Config, window: int | None = None, causal_block: bool = False):
         super().__init__()
+        self.window, self.causal_block = window, causal_block
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -58,9 +66,14 @@ class DraftAttention(nn.Module):
         b = x.shape[0]
         q = _rope(self.q_norm(self.q_proj(x).view(b, self.heads, self.head_dim)).transpose(0, 1), cos, sin)
         k, v = self.context_kv(x, cos, sin)
+        if self.window is not None:
+            past_k, past_v = past_k[:, -self.window :], past_v[:, -self.window :]
         k, v = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=block_mask(visible, b),
-                                             enable_gqa=self.heads != self.kv_heads)
+        if self.causal_block:  # block row i sees every context row and block rows 0..i
+            mask = torch.ones(b, k.shape[1], dtype=torch.bool, device=x.device).tril(past_k.shape[1])
+        else:
+            mask = block_mask(visible, b)
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
         return self.o_proj(out[0].transpose(0, 1).reshape(b, -1))
 
 
@@ -70,9 +83,11 @@ def block_mask(visible: torch.Tensor | None, block: int) -> torch.Tensor | None:
 
 
 class DraftLayer(nn.Module):
-    def __init__(self, config: Qwen3Config):
+    def __init__(self, config: Qwen3Config, index: int = 0):
         super().__init__()
-        self.self_attn = DraftAttention(config)
+        windows = getattr(config, "sliding_windows", None)  # per layer: a window size, or None for full attention
+        window = windows[index] if windows else None
+        self.self_attn = DraftAttention(config, window, window is not None and bool(getattr(config, "window_causal", False)))
         self.mlp = Qwen3MLP(config)
         self.input_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -87,8 +102,12 @@ class MarkovHead(nn.Module):
         super().__init__()
         rank, vocab, d = int(config.markov_rank), config.vocab_size, config.hidden_size
         self.kind = str(config.markov_head_type).lower()
+        # W1 reads the previous token (any of the target's); W2's rows are the draft vocabulary's when the
+        # checkpoint carries only those (speculators' draft_vocab_size), else the whole vocabulary's.
+        rows = getattr(config, "draft_vocab_size", None) or vocab
+        self.pruned = rows != vocab
         self.markov_w1 = nn.Embedding(vocab, rank)
-        self.markov_w2 = nn.Linear(rank, vocab, bias=False)
+        self.markov_w2 = nn.Linear(rank, rows, bias=False)
         if self.kind == "gated":
             self.gate_proj = nn.Linear(d + rank, rank)
         if self.kind == "rnn":
@@ -97,7 +116,7 @@ class MarkovHead(nn.Module):
     def weights(self, vocab: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The head's tensors; with a draft vocabulary, W2 keeps only its tokens' rows (W1 is indexed by
         the previous token, which may be any token of the target's)."""
-        w = {"w1": self.markov_w1.weight, "w2": self.markov_w2.weight if vocab is None else self._rows(vocab)}
+        w = {"w1": self.markov_w1.weight, "w2": self.markov_w2.weight if vocab is None or self.pruned else self._rows(vocab)}
         if self.kind == "gated":
             w |= {"gate_w": self.gate_proj.weight, "gate_b": self.gate_proj.bias}
         if self.kind == "rnn":
@@ -133,7 +152,7 @@ class DSparkDrafter(nn.Module):
         return Qwen3Config(**{k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype", "dtype")})
 
     def new_layer(self, config, index: int) -> nn.Module:
-        return DraftLayer(config)
+        return DraftLayer(config, index)
 
     def new_norm(self, config) -> nn.Module:
         return Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -156,7 +175,11 @@ class DSparkDrafter(nn.Module):
         super().__init__()
         self.config = config
         d = config.hidden_size
-        self.block_size = int(config.block_size)
+        # The block is [anchor, mask, ...], `slots` long. DeepSpec drafts from every slot, the anchor's
+        # included (slot k proposes position anchor + k + 1); the 1+N layout drafts from slots 1.. only.
+        self.slots = int(config.block_size)
+        self.first_slot = 0 if getattr(config, "sample_from_anchor", True) else 1
+        self.block_size = self.slots - self.first_slot  # drafts a round
         self.mask_token_id = int(config.mask_token_id)
         self.feature_layers = tuple(int(i) for i in config.target_layer_ids)
         self.layers = nn.ModuleList(self.new_layer(config, i) for i in range(config.num_hidden_layers))
@@ -174,10 +197,19 @@ class DSparkDrafter(nn.Module):
         if getattr(config, "enable_confidence_head", False):
             self.confidence_with_markov = bool(getattr(config, "confidence_head_with_markov", False))
             self.confidence_head = ConfidenceHead(d + (rank if self.confidence_with_markov else 0))
-        self.draft_vocab: torch.Tensor | None = None
-        self.draft_head: nn.Linear | None = None
+        self.draft_vocab: torch.Tensor | None = None  # target ids of the draft vocabulary's tokens, in head-row order
+        # A checkpoint that carries the draft vocabulary's LM-head rows (speculators' pruned lm_head) loads them
+        # here, and its target ids come with set_draft_vocab; otherwise use_draft_vocab gathers the rows.
+        pruned = getattr(config, "draft_vocab_size", None)
+        self.draft_head = nn.Linear(d, pruned, bias=False) if pruned and pruned != config.vocab_size else None
         self.int8 = False  # whether quantize() ran
         self.rewind(0)
+
+    def set_draft_vocab(self, ids: torch.Tensor) -> None:
+        """The target ids of a carried draft head's rows (draft id j is target id ids[j])."""
+        if self.draft_head is None or len(ids) != self.draft_head.out_features:
+            raise ValueError(f"{len(ids)} draft ids for a draft head of {0 if self.draft_head is None else self.draft_head.out_features} rows")
+        self.draft_vocab = ids.to(self.device, torch.long)
 
     def use_draft_vocab(self, ids: torch.Tensor) -> None:
         """Draft only among these token ids (ascending): the LM head and the Markov head's output shrink
@@ -277,14 +309,22 @@ class DSparkDrafter(nn.Module):
         if self.compiled is not None and sampling.greedy and n == self.block_size:
             return self._propose_compiled(x, cos, sin, anchor)
         kv = self._room(start)
-        hidden = self._layers(x, cos, sin, [(k[:, :start], v[:, :start]) for k, v in kv])[:n]
+        block = self._layers(x, cos, sin, [(k[:, :start], v[:, :start]) for k, v in kv])
+        hidden = block[self.first_slot : self.first_slot + n]
         markov = self.markov_head.weights(self.draft_vocab) if self.markov_head is not None else None
-        tokens, probs, confidence = self._head(hidden, anchor, markov, sampling, generator)
+        state = None
+        if markov is not None and self.first_slot and self.markov_head.kind == "rnn":
+            # The recurrent state runs over the whole block: the anchor's slot (its previous token the
+            # anchor itself) updates it before slot 1 drafts, as speculators trains it.
+            state = markov_bias("rnn", markov, anchor, block[0], None)[1]
+        tokens, probs, confidence = self._head(hidden, anchor, markov, sampling, generator, state)
         return Proposal(tokens, probs, confidence)
 
-    def _head(self, hidden: torch.Tensor, anchor: torch.Tensor, markov: dict | None, sampling: Sampling, generator=None):
-        """The block's tokens (through the Markov head's `markov` weights, when there is one), the distributions
-        they were drawn from (None when greedy) and the confidence logits (None without a confidence head)."""
+    def _head(self, hidden: torch.Tensor, anchor: torch.Tensor, markov: dict | None, sampling: Sampling, generator=None,
+              state: torch.Tensor | None = None):
+        """The block's tokens (through the Markov head's `markov` weights, when there is one, from the recurrent
+        `state`), the distributions they were drawn from (None when greedy) and the confidence logits (None
+        without a confidence head)."""
         base_logits = self.logits(hidden)
         vocab = self.draft_vocab
         if markov is None:
@@ -293,7 +333,7 @@ class DSparkDrafter(nn.Module):
         else:
             tokens, _, probs = markov_draft(
                 base_logits, hidden, anchor, self.markov_head.kind, markov,
-                sampling.temperature, sampling.top_k, sampling.top_p, generator, vocab,
+                sampling.temperature, sampling.top_k, sampling.top_p, generator, vocab, state,
             )
         if probs is not None and vocab is not None:  # the acceptance rule compares with the target's whole vocabulary
             probs = probs.new_zeros(probs.shape[0], self.config.vocab_size).index_copy_(1, vocab, probs)
@@ -307,7 +347,7 @@ class DSparkDrafter(nn.Module):
         return tokens, probs, confidence
 
     def backbone(self, anchor: torch.Tensor) -> torch.Tensor:
-        """Hidden states [block_size, d] of the block [anchor, mask, ...]; folds pending context into the cache."""
+        """Hidden states [slots, d] of the block [anchor, mask, ...]; folds pending context into the cache."""
         x, cos, sin = self._block_inputs(anchor)
         kv = self._room(self._cached)
         return self._layers(x, cos, sin, [(k[:, : self._cached], v[:, : self._cached]) for k, v in kv])
@@ -315,7 +355,7 @@ class DSparkDrafter(nn.Module):
     def _block_inputs(self, anchor: torch.Tensor):
         """Folds the pending context into the keys and values, and returns the block [anchor, mask, ...]'s
         embeddings and its positions' rotary cos and sin."""
-        start, gamma = self.context_length, self.block_size
+        start, gamma = self.context_length, self.slots
         embed_device = self.embed_tokens.weight.device
         block_ids = torch.full((gamma,), self.mask_token_id, dtype=torch.long, device=embed_device)
         block_ids[0] = anchor.to(embed_device)
@@ -347,6 +387,9 @@ class DSparkDrafter(nn.Module):
         an int8 drafter is refused: torch.compile does not trace its quantised products."""
         if self.int8:
             raise ValueError("its int8 products are not traced by torch.compile; it runs eagerly, in int8")
+        if self.first_slot or any(layer.self_attn.window is not None for layer in self.layers):
+            raise ValueError("the compiled block drafts from every slot with full attention; this drafter's 1+N block "
+                             "or sliding-window layers (speculators' layout) run eagerly")
         mode = "reduce-overhead" if self.device.type == "cuda" else None
         # The Markov head's rows for the draft vocabulary, gathered once: the graph reads them as they are.
         self._markov = self.markov_head.weights(self.draft_vocab) if self.markov_head is not None else None

@@ -61,6 +61,8 @@ class Engine:
             drafter = shipped_drafter(target)
             prompt_lookup = drafter is not None
         loaded = load_target(target, dtype, device, placement, phase)
+        if (drafter or prompt_lookup) and loaded.speculation_refusal:
+            raise LoadError(loaded.speculation_refusal)
         draft: Drafter | None = PromptLookupDrafter() if prompt_lookup else None
         plan = Scheduler(mode=scheduler, threshold=threshold)
         if drafter:

@@ -90,15 +90,17 @@ def _ram() -> tuple[int, int]:
 @dataclass(frozen=True)
 class Need:
     """Bytes a pair needs: target weights, target KV cache at the context length, the drafter (its own
-    weights and context keys/values). Per-device runtime overhead comes on top."""
+    weights and context keys/values), and a hybrid target's recurrent and convolution states, whose size does
+    not grow with the context. Per-device runtime overhead comes on top."""
 
     weights: int
     kv: int
     drafter: int
+    state: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.drafter
+        return self.weights + self.kv + self.drafter + self.state
 
 
 def estimate(pair: Pair, dtype: str = "bfloat16", quant: str | None = None, context: int = DEFAULT_CONTEXT) -> Need:
@@ -115,7 +117,10 @@ def estimate(pair: Pair, dtype: str = "bfloat16", quant: str | None = None, cont
         # embed_tokens and lm_head in a DeepSpec drafter are frozen copies of the target's: the loader shares them
         own = max(pair.drafter_params - 2 * t.vocab_size * t.hidden_size, 0)
         drafter = own * b + t.kv_bytes_per_token(b, pair.drafter_layers) * context
-    return Need(int(weights), int(t.kv_bytes_per_token(b) * context), int(drafter))
+    # A hybrid keeps its live states, a checkpoint after each prefill and, through a verify pass, each position's
+    # states (engine/hybrid.py); only its attention layers keep keys and values (kv_bytes_per_token).
+    copies = 2 + (pair.block_size + 1 if pair.kind != "none" else 0)
+    return Need(int(weights), int(t.kv_bytes_per_token(b) * context), int(drafter), t.state_bytes * copies)
 
 
 class PlanError(ValueError):
@@ -161,8 +166,9 @@ class Plan:
         weights = f"{QUANT_NAMES[self.quant]} weights" if self.quant else f"{self.dtype} weights"
         lines = [
             f"{p.name}: {p.target.repo} + {drafter}, context {self.context} tokens",
-            f"  needs {gib(n.weights)} {weights} + {gib(n.kv)} KV cache + {gib(n.drafter)} drafter = {gib(n.total)}, "
-            f"plus {gib(DEVICE_OVERHEAD)} runtime per device",
+            f"  needs {gib(n.weights)} {weights} + {gib(n.kv)} KV cache + {gib(n.drafter)} drafter"
+            + (f" + {gib(n.state)} recurrent state" if n.state else "")
+            + f" = {gib(n.total)}, plus {gib(DEVICE_OVERHEAD)} runtime per device",
         ]
         if self.placement == "gpu":
             lines.append(f"  plan: one GPU, {self.devices[0]} ({gib(self.usable)} usable), {self._dtypes()}; drafter on the same GPU")
@@ -276,13 +282,13 @@ def _try(pair, hw, budget, context, placement, indices, dtype, quant):
     if placement == "cpu":
         return Plan(devices=("cpu",), usable=budget.cpu - DEVICE_OVERHEAD, **common)
     # Sharded: the fewest GPUs, in index order, whose room holds the weights once each GPU keeps its
-    # runtime overhead and its share of the KV cache, and the last one also the drafter.
+    # runtime overhead and its share of the KV cache (and recurrent state), and the last one also the drafter.
     plan = None
     for k in range(2, len(indices) + 1):
         used = indices[:k]
         room = {i: budget.gpus[i] - DEVICE_OVERHEAD for i in used}
         whole = sum(room.values())
-        caps = {i: int(room[i] - need.kv * room[i] / whole) for i in used}
+        caps = {i: int(room[i] - (need.kv + need.state) * room[i] / whole) for i in used}
         caps[used[-1]] -= need.drafter
         usable = whole if all(c > 0 for c in caps.values()) else 0
         plan = Plan(devices=tuple(f"cuda:{i}" for i in used), usable=usable, max_memory=caps, **common)
@@ -309,6 +315,9 @@ def plan_pair(
 ) -> Plan:
     """The first option that fits. With overrides (dtype, quant, max_memory, device_map) the first option they
     allow is returned even if it does not fit, with a warning: the user may know better (swap, other limits)."""
+    if pair.target.remote_code:
+        raise PlanError(f"{pair.name}: its target {pair.target.repo} runs in transformers only with the repository's own code "
+                        "(trust_remote_code), and dspark-chat never runs a model's own code: choose another pair")
     hw = hardware or detect()
     context = min(context or DEFAULT_CONTEXT, pair.target.max_positions)
     if quant not in (None, "none", "8bit", "4bit"):

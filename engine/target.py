@@ -4,13 +4,16 @@ and the hidden states a drafter reads."""
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer, LinearAttentionCacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from .hybrid import HybridStates, stateful_layers
 
 GROUPED_SDPA = "sdpa_grouped"
 
@@ -142,6 +145,11 @@ class Target:
         """The attention implementation: passes time differently with each."""
         return self.model.config._attn_implementation
 
+    @property
+    def speculation_refusal(self) -> str | None:
+        """Why speculative decoding cannot run on this target, or None when its cache rolls back exactly."""
+        return self.hybrid.refusal(self.name) if self.hybrid else None
+
     def rewind(self, length: int) -> None:
         """Keep the cache for the first `length` tokens only."""
         if length <= 0:
@@ -151,22 +159,43 @@ class Target:
             # Sliding-window layers (Gemma 4) keep only the last window of keys and values, and refuse to
             # crop once the sequence is longer than the window; recording each pass's states until the
             # next crop lets the rejected drafts of a verify pass be dropped.
+            # Convolution layers (hybrid targets) keep their inputs the same way.
             self.cache.activate_past_recording()
+            self.hybrid = HybridStates(self.model, self.cache) if stateful_layers(self.cache) else None
             self.log = TokenLog()
             return
         drop = self.log.length - length
-        if drop > 0 and not self._sliding_layers_reach_back(drop):
-            # Further back than a sliding window still holds (a new turn that edits older text): rebuild.
-            kept = self.cached_ids[:length]
-            self.rewind(0)
-            self.forward(kept, last_only=True)
-        elif drop > 0:
-            self.cache.crop(-drop)
+        if drop <= 0:
+            return
+        if self._sliding_layers_reach_back(drop) and (self.hybrid is None or self.hybrid.holds(drop)):
+            self._crop_keys_and_values(drop)
+            if self.hybrid:
+                self.hybrid.drop(drop)
             self.log.truncate(length)
+            return
+        # Further back than the caches hold (a new turn that edits older text): rebuild, from the checkpoint the
+        # recurrent and convolution layers keep after a prefill where there is one.
+        kept = self.cached_ids[:length]
+        start = self.hybrid.checkpoint_at(length) if self.hybrid else 0
+        if start and self._sliding_layers_reach_back(self.log.length - start):
+            self._crop_keys_and_values(self.log.length - start)
+            self.hybrid.restore_checkpoint()
+            self.log.truncate(start)
+        else:
+            self.rewind(0)
+        if len(kept) > self.log.length:
+            self.forward(kept[self.log.length :], last_only=True)
 
     @property
     def cached_ids(self) -> list[int]:
         return self.log.read()
+
+    def _crop_keys_and_values(self, drop: int) -> None:
+        """Crop every layer's keys and values. Layers with states only are left to HybridStates; those with keys
+        and values beside their states (Falcon-H1's) crop both, and HybridStates then sets the states."""
+        for layer in self.cache.layers:
+            if isinstance(layer, CacheLayerMixin) or not isinstance(layer, LinearAttentionCacheLayerMixin):
+                layer.crop(-drop)
 
     def _sliding_layers_reach_back(self, drop: int) -> bool:
         """Whether every sliding-window layer holds the window that ends `drop` positions before the end."""
@@ -184,18 +213,32 @@ class Target:
         """Run ids (a list, or a tensor on the device) after the cached ones. Returns logits [n or 1, V] and,
         if asked, the hidden states at feature_layers concatenated per position [n, len(layers) * d]
         (layer i is the output of decoder layer i, -1 the embeddings)."""
-        out = self.model(
-            input_ids=device_ids(ids, self.device)[None],
-            **{self._cache_argument: self.cache},
-            use_cache=True,
-            output_hidden_states=bool(feature_layers),
-            logits_to_keep=1 if last_only else 0,
-        )
+        new = len(ids)
+        if self.hybrid and not self.hybrid.verified and self.log.length and new > 1:
+            # This family's layers cannot run several tokens on from a cached state (Jamba): run them all again.
+            ids = self.cached_ids + (ids.tolist() if torch.is_tensor(ids) else list(ids))
+            self.rewind(0)
+        start = self.log.length
+        # Verify passes keep each position's recurrent state, so that a rollback is exact (engine/hybrid.py).
+        with self.hybrid.per_position(not last_only) if self.hybrid else nullcontext():
+            out = self.model(
+                input_ids=device_ids(ids, self.device)[None],
+                # Explicit, as not every model counts them on from its cache (Bamba starts again at 0).
+                position_ids=torch.arange(start, start + len(ids), device=self.device)[None],
+                **{self._cache_argument: self.cache},
+                use_cache=True,
+                output_hidden_states=bool(feature_layers),
+                logits_to_keep=1 if last_only else new,
+            )
         self.log.extend(ids)
+        if self.hybrid:
+            self.hybrid.passed(len(ids))
+            if last_only:
+                self.hybrid.save_checkpoint(self.log.length)
         features = None
         if feature_layers:
             device = feature_device or out.hidden_states[-1].device
-            features = torch.cat([out.hidden_states[i + 1][0].to(device) for i in feature_layers], -1)
+            features = torch.cat([out.hidden_states[i + 1][0, -new:].to(device) for i in feature_layers], -1)
         return out.logits[0], features
 
 

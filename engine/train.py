@@ -10,12 +10,14 @@
    before its anchor and to itself (DeepSpec's create_dspark_attention_mask), so the weights trained
    here are the weights inference runs. Loss as DeepSpec's: 0.1 CE + 0.9 L1(draft, target) + 1.0
    BCE(confidence, 1 - TV), position k weighted by exp(-k / 4); the Markov head is teacher-forced.
-   With --draft-vocab N the drafter drafts among the N tokens the answers use most (an extension of
-   DeepSpec's layout: draft_vocab.json beside the weights); the L1 term stays the whole vocabulary's,
+   With --draft-vocab N the drafter drafts among the N tokens the answers use most (in the speculators
+   format, draft_vocab_size and d2t; in DeepSpec's layout, this project's draft_vocab.json beside the
+   weights); the L1 term stays the whole vocabulary's,
    the draft being 0 outside its vocabulary, and the target's log-normaliser is computed once per
    position, so a step computes logits over the draft vocabulary only.
-3. Checkpoints (resumable) and the DeepSpec-layout drafter are written every --save-every steps;
-   at the end the confidence head is calibrated (engine/calibrate.py) on held-out rounds.
+3. Checkpoints (resumable) and the drafter (engine/export.py: the speculators format by default, or
+   DeepSpec's layout) are written every --save-every steps; at the end the confidence head is
+   calibrated (engine/calibrate.py) on held-out rounds.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from safetensors.torch import save_file
 
 from dspark_chat.kernels.markov import markov_bias
 
-from . import calibrate
-from .dspark import DRAFT_VOCAB_FILE, DSparkDrafter
+from . import calibrate, export, speculators
+from .dspark import DSparkDrafter
 from .target import Target
 
 CE_WEIGHT, L1_WEIGHT, CONFIDENCE_WEIGHT, DECAY = 0.1, 0.9, 1.0, 4.0  # DeepSpec's released configs
@@ -190,9 +192,18 @@ def drafter_config(target: Target, options, layers: list[int]) -> dict:
         layer_types=["full_attention"] * options.layers, tie_word_embeddings=False, mask_token_id=int(mask),
         num_anchors=options.anchors, markov_rank=rank, markov_head_type=options.markov_head,
         enable_confidence_head=True, confidence_head_with_markov=rank > 0, head_dim=target_head_dim(target),
-        intermediate_size=options.intermediate_size or config["intermediate_size"],
+        intermediate_size=options.intermediate_size or target_mlp_width(config),
     )
     return json.loads(json.dumps(config))  # as config.json will hold it (integer keys become strings)
+
+
+def target_mlp_width(config: dict) -> int:
+    """The target's MLP width; where every layer is a mixture of experts (Qwen3.5-MoE has no dense width), the
+    width a token passes through: its routed experts' and its shared expert's."""
+    if config.get("intermediate_size"):
+        return int(config["intermediate_size"])
+    routed = (config.get("moe_intermediate_size") or 0) * (config.get("num_experts_per_tok") or 0)
+    return int(routed + (config.get("shared_expert_intermediate_size") or 0))
 
 
 def target_head_dim(target: Target) -> int:
@@ -244,6 +255,8 @@ def carry_over(init: DSparkDrafter, drafter: DSparkDrafter) -> None:
         for name, p in trainable(init).items():
             if params[name].shape == p.shape:  # an MLP of another width is carried over below
                 params[name].copy_(p)
+        if init.markov_head is not None and init.markov_head.pruned:  # W2's rows for the draft vocabulary only
+            params["markov_head.markov_w2.weight"][init.draft_vocab] = init.markov_head.markov_w2.weight
         for layer in drafter.layers[len(init.layers) :]:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
@@ -271,13 +284,16 @@ def starting_drafter(spec: str, target: Target, anchors: int) -> tuple[dict, DSp
 
     folder = model_dir(spec)  # a Hub id is fetched once, here
     drafter = load_drafter(str(folder), target, int8=False)  # says what is wrong with a folder that is not a drafter
-    config = json.loads((folder / "config.json").read_text())
+    config = dict(drafter.config_dict)
     arch = (config.get("architectures") or ["(none)"])[0]
     if arch != "Qwen3DSparkModel" or drafter.confidence_head is None:
         without = "" if drafter.confidence_head is not None else " without a confidence head"
         raise ValueError(f"--init {spec}: training goes on from a Qwen3-style DSpark drafter with a confidence head "
                          f"(what `dspark-chat train` writes); this one is a {arch}{without}")
-    for key in ("torch_dtype", "dtype"):
+    if drafter.first_slot or config.get("sliding_windows"):
+        raise ValueError(f"--init {spec}: training drafts from the anchor's slot with full attention, as DeepSpec does; this "
+                         "drafter " + ("drafts after the anchor (sample_from_anchor false)" if drafter.first_slot else "has sliding-window layers"))
+    for key in ("torch_dtype", "dtype", *speculators.OWN_FIELDS):
         config.pop(key, None)
     return config | {"num_anchors": anchors}, drafter
 
@@ -523,45 +539,26 @@ def evaluate(drafter: DSparkDrafter, sequences: list[Sequence], anchors_per_seq:
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
-def save_drafter(drafter: DSparkDrafter, config: dict, out: Path, omit_embeddings: bool, dtype: torch.dtype) -> None:
-    """The DeepSpec layout: config.json + model.safetensors. Embeddings and LM head, when kept, are the
-    target's tensors exactly (so the loader recognises and shares them)."""
-    state = {n: p.detach().to("cpu", dtype).contiguous() for n, p in trainable(drafter).items()}
-    if not omit_embeddings:
-        state["embed_tokens.weight"] = drafter.embed_tokens.weight.detach().cpu().contiguous()
-        state["lm_head.weight"] = drafter.lm_head.weight.detach().cpu().clone().contiguous()  # may be tied to embed
-    out.mkdir(parents=True, exist_ok=True)
-    vocab_file = out / DRAFT_VOCAB_FILE
-    if drafter.draft_vocab is None:
-        vocab_file.unlink(missing_ok=True)  # left by an earlier run into this folder: it would change this drafter
-    else:
-        (out / "draft_vocab.tmp").write_text(json.dumps({"ids": drafter.draft_vocab.tolist()}))
-        (out / "draft_vocab.tmp").replace(vocab_file)
-    save_file(state, out / "model.safetensors.tmp", metadata={"format": "pt"})
-    (out / "model.safetensors.tmp").replace(out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(config | {"torch_dtype": str(dtype).removeprefix("torch.")}, indent=2))
-
-
-def save_checkpoint(folder: Path, drafter, optimizer, step: int, history: dict) -> None:
+def save_checkpoint(folder: Path, drafter, optimizer, step: int, history: dict, config: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     # each file is written whole, then renamed: a run killed mid-save keeps the previous checkpoint readable
     save_file({n: p.detach().cpu().contiguous() for n, p in trainable(drafter).items()}, folder / "drafter.safetensors.tmp")
     (folder / "drafter.safetensors.tmp").replace(folder / "drafter.safetensors")
     torch.save(optimizer.state_dict(), folder / "optimizer.pt.tmp")
     (folder / "optimizer.pt.tmp").replace(folder / "optimizer.pt")
-    (folder / "state.json.tmp").write_text(json.dumps({"step": step, "history": history}))
+    vocab = None if drafter.draft_vocab is None else drafter.draft_vocab.tolist()
+    (folder / "state.json.tmp").write_text(json.dumps({"step": step, "history": history, "config": config, "draft_vocab": vocab}))
     (folder / "state.json.tmp").replace(folder / "state.json")
 
 
-def load_checkpoint(folder: Path, drafter, optimizer) -> tuple[int, dict]:
+def load_checkpoint(folder: Path, drafter, optimizer) -> dict:
     with safe_open(folder / "drafter.safetensors", "pt") as f:
         params = trainable(drafter)
         with torch.no_grad():
             for name in f.keys():
                 params[name].copy_(f.get_tensor(name))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    state = json.loads((folder / "state.json").read_text())
-    return int(state["step"]), state["history"]
+    return json.loads((folder / "state.json").read_text())
 
 
 def learning_rate(step: int, steps: int, peak: float) -> float:
@@ -587,7 +584,7 @@ def train(options, log=print) -> dict:
 def _train(options, log) -> dict:
     from tqdm import tqdm
 
-    from .loading import cache_dir, load_target
+    from .loading import cache_dir, load_target, target_repo
 
     out = Path(options.out)
     target = load_target(options.target, options.dtype, options.device)
@@ -634,19 +631,30 @@ def _train(options, log) -> dict:
     checkpoint = out / "checkpoint"
     step, history = 0, {"eval": []}
     if (checkpoint / "state.json").is_file():
-        saved = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
-        if {k: saved.get(k) for k in config} != config:
+        saved = json.loads((checkpoint / "state.json").read_text())
+        if "config" not in saved:  # a checkpoint of an earlier version, whose DeepSpec-layout config.json was the record
+            saved["config"] = {k: v for k, v in json.loads((out / "config.json").read_text()).items() if k in config}
+        if saved["config"] != config:
             raise ValueError(f"{out} holds a run with another configuration: choose another --out or delete {checkpoint}")
-        step, history = load_checkpoint(checkpoint, drafter, optimizer)
+        state = load_checkpoint(checkpoint, drafter, optimizer)
+        step, history = int(state["step"]), state["history"]
         log(f"resuming at step {step} from {checkpoint}")
         # The draft vocabulary selects rows of full-vocabulary weights, so the data (and with it the
         # vocabulary) may change between runs: training goes on with the new rows.
-        saved_vocab = json.loads((out / DRAFT_VOCAB_FILE).read_text())["ids"] if (out / DRAFT_VOCAB_FILE).is_file() else None
+        saved_vocab = state.get("draft_vocab")
         if vocab is not None and saved_vocab is not None and saved_vocab != vocab.tolist():
             kept = set(saved_vocab) & set(vocab.tolist())
             log(f"the draft vocabulary changed with the data: {len(vocab) - len(kept)} tokens in, {len(saved_vocab) - len(kept)} out")
     save_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.save_dtype]
     head = target.model.get_output_embeddings()
+    verifier = target_repo(target) or options.target
+    noted = set()
+
+    def save_drafter():
+        for note in export.write(drafter, config, out, options.format, save_dtype, target, verifier, not options.omit_embeddings):
+            if note not in noted:
+                noted.add(note)
+                log(f"note: {note}")
 
     def held_out() -> float:
         drafter.eval()
@@ -687,11 +695,11 @@ def _train(options, log) -> dict:
             log(f"step {step}/{options.steps} loss {loss.item():.4f} {' '.join(f'{k} {v:.3f}' for k, v in terms.items())} "
                 f"held-out tau {tau:.3f} ({time.time() - started:.0f}s)")
         if step % options.save_every == 0 or step == options.steps:
-            save_checkpoint(checkpoint, drafter, optimizer, step, history)
-            save_drafter(drafter, config, out, options.omit_embeddings, save_dtype)
+            save_checkpoint(checkpoint, drafter, optimizer, step, history, config)
+            save_drafter()
     bar.close()
     if not (out / "model.safetensors").is_file():
-        save_drafter(drafter, config, out, options.omit_embeddings, save_dtype)
+        save_drafter()
 
     drafter.eval()
     result = evaluate(drafter, held, anchors_per_seq=64, seed=options.seed + 1)

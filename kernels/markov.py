@@ -46,15 +46,16 @@ def markov_draft(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     vocab: torch.Tensor | None = None,
+    state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Draft len(base_logits) tokens left to right.
 
     base_logits [n, V], hidden [n, d], anchor: 0-d token id. Greedy when temperature is 0. With a draft
-    vocabulary, column j of the logits (and of W2's output) is token vocab[j].
+    vocabulary, column j of the logits (and of W2's output) is token vocab[j]. state: the rnn head's state
+    before the first of these positions (zeros when None).
     Returns (tokens [n], corrected logits [n, V], draft probabilities [n, V] or None when greedy).
     """
     prev = anchor.reshape(())
-    state = None
     tokens, logits, probs = [], [], []
     for k in range(base_logits.shape[0]):
         bias, state = markov_bias(kind, weights, prev, hidden[k], state)

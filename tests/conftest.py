@@ -13,6 +13,7 @@ from dspark_chat.engine.sampling import Proposal
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = DATA / "deepspec_reference"
+SPECULATORS = DATA / "speculators_reference"  # speculators-format drafters for REFERENCE's target
 EAGLE3 = DATA / "eagle3_reference"  # Eagle3 drafters with what DeepSpec's and speculators' code propose
 
 # A user catalog entry for the tiny reference target (tests lay it out in a Hub cache as acme/tiny),

@@ -82,6 +82,61 @@ def test_drafter_sizes_match_the_deepspec_architecture():
             assert sum(p.numel() for p in drafter.parameters()) == pair.drafter_params, pair.name
 
 
+# Hybrid targets: the config fields the catalog leaves out (linear-attention heads, experts, the layer layout), as
+# their model cards give them.
+HYBRID_CONFIGS = {
+    "qwen36-27b": dict(intermediate_size=17_408, linear_num_key_heads=16, linear_num_value_heads=48,
+                       linear_key_head_dim=128, linear_value_head_dim=128,
+                       layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 16),
+    "qwen36-35b-a3b": dict(linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+                           linear_value_head_dim=128, num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+                           shared_expert_intermediate_size=512,
+                           layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 10),
+    "lfm25-1-2b": dict(intermediate_size=12_288, block_auto_adjust_ff_dim=True, conv_L_cache=3,
+                       layer_types=["full_attention" if i in (2, 5, 8, 10, 12, 14) else "conv" for i in range(16)]),
+}
+
+
+def test_hybrid_numbers_are_their_configs():
+    """Parameters, attention layers and the state one sequence keeps, from a model built on the meta device and
+    run there over two tokens (transformers allocates the recurrent and convolution states as it goes)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    targets = load_catalog([BUILTIN]).targets
+    for name, extra in HYBRID_CONFIGS.items():
+        t = targets[name]
+        heads = {} if t.model_type == "lfm2" else dict(head_dim=t.head_dim)
+        config = AutoConfig.for_model(
+            t.model_type, vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.layers,
+            num_attention_heads=t.attention_heads, num_key_value_heads=t.kv_heads, tie_word_embeddings=t.tied_embeddings,
+            max_position_embeddings=t.max_positions, **heads, **extra)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        assert sum(p.numel() for p in model.parameters()) == t.params, name
+        assert config.layer_types.count("full_attention") == t.attention_layers
+        cache = DynamicCache(config=config)
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[5, 6]], device="meta"), cache=cache, use_cache=True)
+        states = [s for layer in cache.layers if isinstance(layer, LinearAttentionCacheLayerMixin)
+                  for s in [*layer.conv_states.values(), *layer.recurrent_states.values()] if s is not None]
+        assert sum(s.numel() * s.element_size() for s in states) == t.state_bytes, name
+
+
+def test_a_pair_that_speculates_on_a_hybrid_whose_state_cannot_be_rolled_back_is_refused(tmp_path):
+    jamba = TARGET.replace("[targets.tiny]", "[targets.jamba]") + 'model_type = "jamba"\nstate_bytes = 4096\n'
+    lines = errors(tmp_path, jamba + TINY_PAIR.replace('target = "tiny"', 'target = "jamba"'))
+    assert len(lines) == 1 and "[pairs.tiny-lookup] kind: target jamba (jamba) keeps a recurrent" in lines[0]
+    assert 'use kind = "none"' in lines[0]
+    plain = jamba + TINY_PAIR.replace('target = "tiny"', 'target = "jamba"').replace('"prompt-lookup"', '"none"')
+    assert load_catalog([BUILTIN, write(tmp_path / "plain.toml", plain)]).pair("tiny-lookup").target.state_bytes == 4096
+    lines = errors(tmp_path, TARGET.replace("[targets.tiny]", "[targets.odd]") + "state_bytes = 4096\n")
+    assert len(lines) == 1 and "[targets.odd] state_bytes: a target with recurrent or convolution state names its model_type" in lines[0]
+    lines = errors(tmp_path, TARGET.replace("[targets.tiny]", "[targets.odd]") + "attention_layers = 99\n")
+    assert len(lines) == 1 and "[targets.odd] attention_layers: more than its" in lines[0]
+
+
 def test_eagle3_pairs_have_deepspec_eagle3_drafters_of_their_architecture():
     """DeepSpec's config/eagle3/*.py: one layer reading 5 target layers, a chain of 7 drafts; the parameter
     counts of that drafter built on the meta device by this project's Eagle3 drafter (same names and shapes)."""
@@ -117,6 +172,13 @@ def write(path: Path, text: str) -> Path:
 
 
 TARGET = TINY_TARGET_TOML
+TINY_PAIR = """
+[pairs.tiny-lookup]
+target = "tiny"
+kind = "prompt-lookup"
+block_size = 10
+license = "MIT"
+"""
 
 
 def errors(tmp_path, text: str) -> list[str]:

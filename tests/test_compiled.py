@@ -19,7 +19,7 @@ from dspark_chat.engine.sampling import Sampling
 from dspark_chat.engine.scheduler import Scheduler
 from dspark_chat.engine.target import Target
 
-from .conftest import DATA, REFERENCE, Forcing, make_tiny_eagle3
+from .conftest import DATA, REFERENCE, SPECULATORS, Forcing, make_tiny_eagle3
 from .test_lossless import generated, prompts
 
 
@@ -224,6 +224,19 @@ def test_an_eagle3_drafter_beside_the_compiled_target_drafts_eagerly_and_lossles
     for prompt, baseline in zip(few_prompts, compiled_baselines):
         forcing = Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 7, 0, 5, 1, 6, 2, 4])
         assert generated(compiled_tiny, forcing, prompt) == baseline
+
+
+@pytest.mark.parametrize("variant", ["dspark_bonus_rnn", "dflash_anchor_window"])
+def test_speculators_layouts_the_compiled_block_does_not_cover_stay_eager_with_a_note(variant, tiny_target, capsys):
+    """A 1+N block (the anchor's slot drafts nothing) or sliding-window layers: the drafter runs eagerly."""
+    from dspark_chat.engine.compiled import compile_drafter
+
+    drafter = load_drafter(str(SPECULATORS / variant), tiny_target, int8=False)
+    assert drafter.first_slot or any(layer.self_attn.window is not None for layer in drafter.layers)
+    compile_drafter(drafter, 256)
+    assert drafter.compiled is None
+    assert capsys.readouterr().err == ("note: the drafter is not compiled: the compiled block drafts from every slot with full "
+                                       "attention; this drafter's 1+N block or sliding-window layers (speculators' layout) run eagerly\n")
 
 
 SMOLLM2_PROMPTS = [

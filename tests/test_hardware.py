@@ -3,6 +3,7 @@ and the from_pretrained arguments each plan gives the loader."""
 
 from __future__ import annotations
 
+import dataclasses
 import pytest
 import torch
 from transformers import Qwen3Config
@@ -22,34 +23,52 @@ MACHINES = {
     "cpu-32gb": Hardware((), 32 * GiB, 29 * GiB),
 }
 # (placement, dtype or quantisation) per machine and pair; None: refused. Every row was checked by hand
-# against the sizes (e.g. Qwen3-14B in bf16 is 27.5 GiB of weights: two 24 GB cards, or 8-bit on one).
+# against the sizes (e.g. Qwen3-14B in bf16 is 27.5 GiB of weights: two 24 GB cards, or 8-bit on one; Qwen3.6-27B
+# in 4-bit is 17.5 GiB of weights, 24.2 GiB with its drafter, 18 copies of its 148 MiB of recurrent state and its
+# KV cache: more than one 24 GB card holds).
 SMALL = ("gpu", "bfloat16")
+HYBRIDS = {"lfm25-1-2b-lookup": SMALL, "qwen36-27b-dspark": None, "qwen36-35b-a3b-dspark": None}
 EXPECTED = {
     "dgx-spark": {name: SMALL for name in load_catalog().pairs},
     "one-24gb": {"smollm2": SMALL, "qwen3-4b-dspark": SMALL, "qwen3-4b-dflash": SMALL, "qwen3-8b-dspark": SMALL,
                  "qwen3-8b-dflash": SMALL, "qwen3-14b-dspark": ("gpu", "8bit"), "qwen3-14b-dflash": ("gpu", "8bit"),
-                 "gemma4-12b-dspark": ("gpu", "8bit"), "gemma4-12b-dflash": ("gpu", "8bit")},
+                 "gemma4-12b-dspark": ("gpu", "8bit"), "gemma4-12b-dflash": ("gpu", "8bit")} | HYBRIDS,
     "two-24gb": {"smollm2": SMALL, "qwen3-4b-dspark": SMALL, "qwen3-4b-dflash": SMALL, "qwen3-8b-dspark": SMALL,
                  "qwen3-8b-dflash": SMALL, "qwen3-14b-dspark": ("sharded", "bfloat16"),
                  "qwen3-14b-dflash": ("sharded", "bfloat16"), "gemma4-12b-dspark": ("sharded", "bfloat16"),
-                 "gemma4-12b-dflash": ("sharded", "bfloat16")},
+                 "gemma4-12b-dflash": ("sharded", "bfloat16"), "lfm25-1-2b-lookup": SMALL,
+                 "qwen36-27b-dspark": ("sharded", "8bit"), "qwen36-35b-a3b-dspark": ("sharded", "8bit")},
     "laptop-8gb": {"smollm2": SMALL, "qwen3-4b-dspark": ("gpu", "4bit"), "qwen3-4b-dflash": ("gpu", "4bit"),
                    "qwen3-8b-dspark": None, "qwen3-8b-dflash": None, "qwen3-14b-dspark": None,
-                   "qwen3-14b-dflash": None, "gemma4-12b-dspark": None, "gemma4-12b-dflash": None},
+                   "qwen3-14b-dflash": None, "gemma4-12b-dspark": None, "gemma4-12b-dflash": None} | HYBRIDS,
     "cpu-16gb": {"smollm2": ("cpu", "float32"), "qwen3-4b-dspark": ("cpu", "bfloat16"),
                  "qwen3-4b-dflash": ("cpu", "bfloat16"), "qwen3-8b-dspark": None, "qwen3-8b-dflash": None,
                  "qwen3-14b-dspark": None, "qwen3-14b-dflash": None, "gemma4-12b-dspark": None,
-                 "gemma4-12b-dflash": None},
+                 "gemma4-12b-dflash": None} | HYBRIDS | {"lfm25-1-2b-lookup": ("cpu", "float32")},
     "cpu-32gb": {"smollm2": ("cpu", "float32"), "qwen3-4b-dspark": ("cpu", "float32"),
                  "qwen3-4b-dflash": ("cpu", "float32"), "qwen3-8b-dspark": ("cpu", "bfloat16"),
                  "qwen3-8b-dflash": ("cpu", "bfloat16"), "qwen3-14b-dspark": None, "qwen3-14b-dflash": None,
-                 "gemma4-12b-dspark": None, "gemma4-12b-dflash": None},
+                 "gemma4-12b-dspark": None, "gemma4-12b-dflash": None} | HYBRIDS | {"lfm25-1-2b-lookup": ("cpu", "float32")},
 }
+# The speculators-format pairs (every number estimated, see models.toml).
+SPECULATORS_PLANS = {
+    "one-24gb": {"qwen3-8b-speculators-dspark": SMALL, "gemma4-31b-dspark": None, "gemma4-31b-dflash": None,
+                 "gemma4-26b-a4b-dspark": ("gpu", "4bit")},
+    "two-24gb": {"qwen3-8b-speculators-dspark": SMALL, "gemma4-31b-dspark": ("sharded", "8bit"),
+                 "gemma4-31b-dflash": ("sharded", "8bit"), "gemma4-26b-a4b-dspark": ("sharded", "8bit")},
+    "laptop-8gb": dict.fromkeys(["qwen3-8b-speculators-dspark", "gemma4-31b-dspark", "gemma4-31b-dflash", "gemma4-26b-a4b-dspark"]),
+    "cpu-16gb": dict.fromkeys(["qwen3-8b-speculators-dspark", "gemma4-31b-dspark", "gemma4-31b-dflash", "gemma4-26b-a4b-dspark"]),
+    "cpu-32gb": {"qwen3-8b-speculators-dspark": ("cpu", "bfloat16"), "gemma4-31b-dspark": None, "gemma4-31b-dflash": None,
+                 "gemma4-26b-a4b-dspark": None},
+}
+for machine, plans in SPECULATORS_PLANS.items():
+    EXPECTED[machine] |= plans
 # Eagle3 pairs plan as their DSpark counterparts (their drafters are smaller), except that on the 8 GB laptop
 # Qwen3-4B's 1.9 GB Eagle3 drafter leaves room for the target in 8-bit, where DSpark's 2.8 GB needs 4-bit.
+EAGLE3_PAIRS = [name for name in load_catalog().pairs if name.endswith("-eagle3")]
 for machine, plans in EXPECTED.items():
     if machine != "dgx-spark":
-        plans.update({name.replace("-dspark", "-eagle3"): plan for name, plan in list(plans.items()) if name.endswith("-dspark")})
+        plans.update({name: plans[name.removesuffix("-eagle3") + "-dspark"] for name in EAGLE3_PAIRS})
 EXPECTED["laptop-8gb"]["qwen3-4b-eagle3"] = ("gpu", "8bit")
 
 
@@ -116,6 +135,20 @@ def test_memory_estimate_follows_the_architecture(catalog):
     assert estimate(catalog.pairs["smollm2"]).drafter == 0
     # the context is capped at what the model supports
     assert plan_pair(catalog.pairs["smollm2"], MACHINES["cpu-32gb"], context=100_000).context == 8192
+
+
+def test_a_hybrid_counts_keys_and_values_of_its_attention_layers_and_a_fixed_recurrent_state(catalog):
+    pair = catalog.pairs["qwen36-27b-dspark"]
+    need = estimate(pair, "bfloat16", None, 8192)
+    assert need.kv == 2 * 16 * 4 * 256 * 2 * 8192  # 16 of its 64 layers keep keys and values
+    # live, after the prefill, and each position of a 15-draft verify pass
+    assert need.state == 154_927_104 * (2 + 16) == estimate(pair, "bfloat16", None, 65536).state
+    lookup = catalog.pairs["lfm25-1-2b-lookup"]
+    assert estimate(lookup).state == 122_880 * (2 + 11)
+    # plain decoding runs no verify pass: the live states and the checkpoint only
+    assert estimate(dataclasses.replace(lookup, kind="none")).state == 122_880 * 2
+    assert "recurrent state" in plan_pair(pair, MACHINES["dgx-spark"]).explain()
+    assert "recurrent state" not in plan_pair(catalog.pairs["qwen3-8b-dspark"], MACHINES["dgx-spark"]).explain()
 
 
 def test_overrides(catalog):

@@ -458,13 +458,15 @@ def test_eagle3_sampling_matches_target_distribution(speculators, sampling, tmp_
     target = load_target(str(target_dir), "float32", "cpu")
     target.stop_ids = ()  # with four tokens, the end-of-text id 2 would cut sequences short
     drafter = load_drafter(str(drafter_dir), target)
-    prefix, length, runs = [1, 3, 0], 3, 1000
+    # The broken rule's effect here, measured over 300 runs: w² = 0.36 (DeepSpec layout), 0.45 (pruned), above
+    # the DSpark tests' 0.24-0.29, so RUNS keeps at least their power.
+    prefix, length, runs = [1, 3, 0], 3, RUNS
     exact = exact_distribution(target, prefix, length, sampling)
     counts = sampled_counts(target, drafter, prefix, length, sampling, runs)
     assert chi_square_pvalue(counts, exact, runs) > 1e-3
     if speculators:
         with_one = sum(p for seq, p in exact.items() if 1 in seq) * runs
-        assert with_one > 100 and sum(n for seq, n in counts.items() if 1 in seq) > with_one / 2
+        assert with_one > runs / 10 and sum(n for seq, n in counts.items() if 1 in seq) > with_one / 2
         return
     monkeypatch.setattr(decode_module, "accept_sampled", broken_rule)
     counts = sampled_counts(target, drafter, prefix, length, sampling, runs)

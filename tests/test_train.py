@@ -71,7 +71,9 @@ def run(tmp_path_factory, tokenizer):
     prompts.write_text("".join(json.dumps({"turns": [s]}) + "\n" for s in snippets(0, 100)))
 
     def train(out: str, steps: int, *extra: str) -> Path:
-        args = ["train", "--target", str(target_dir), "--prompts", str(prompts), "--out", str(root / out),
+        """A run into root/out; in DeepSpec's layout, whose config.json these tests read, unless --format is given."""
+        layout = [] if "--format" in extra else ["--format", "deepspec"]
+        args = ["train", "--target", str(target_dir), "--prompts", str(prompts), "--out", str(root / out), *layout,
                 "--steps", str(steps), "--layers", "1", "--block-size", "4", "--markov-rank", "8", "--target-layers", "0,1",
                 "--max-new-tokens", "40", "--gen-batch", "50", "--batch", "8", "--anchors", "16", "--lr", "3e-3",
                 "--eval-every", "50", "--save-every", "50", "--cache-dir", str(root / "cache"), "--device", "cpu", *extra]
@@ -171,26 +173,43 @@ def test_the_loss_over_a_draft_vocabulary_is_the_whole_loss_with_the_draft_zero_
     assert terms["l1"] == pytest.approx(float(l1), rel=1e-4) and terms["ce"] == pytest.approx(float(ce), rel=1e-4)
 
 
+def draft_ids(folder: Path) -> list[int]:
+    """The target ids of a speculators-format drafter's draft vocabulary (d2t: draft id j is target id j + d2t[j])."""
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        d2t = f.get_tensor("d2t")
+    return (d2t + torch.arange(len(d2t))).tolist()
+
+
 def test_a_drafter_trained_over_a_draft_vocabulary_drafts_from_it_and_decodes_losslessly(run, target, capsys):
-    out = run("draft-vocab", 60, "--draft-vocab", "64")
-    ids = json.loads((out / "draft_vocab.json").read_text())["ids"]
+    """In the default layout, the speculators format: the draft vocabulary travels as draft_vocab_size and d2t."""
+    out = run("draft-vocab", 60, "--draft-vocab", "64", "--format", "speculators")
+    config = json.loads((out / "config.json").read_text())
+    ids = draft_ids(out)
     report = json.loads((out / "training.json").read_text())
+    assert config["architectures"] == ["DSparkSpeculator"] and config["draft_vocab_size"] == 64
+    assert config["speculators_config"]["verifier"]["name_or_path"] == str(run.target_dir)
+    assert not (out / "draft_vocab.json").exists()
     assert len(ids) == 64 and ids == sorted(set(ids)) and set(target.stop_ids) <= set(ids)
     assert report["draft_vocab"] == 64 and 0.5 < report["draft_vocab_coverage"]["train"] < 1
     assert report["tau_after"] > report["tau_before"] + 0.3
     drafter = load_drafter(str(out), target)
-    assert drafter.draft_vocab.tolist() == ids
+    assert drafter.layout == "speculators" and drafter.draft_vocab.tolist() == ids
     for text in snippets(2, 3):
         prompt = chat_ids(target, text)
         assert answer(target, drafter, prompt)[0] == answer(target, None, prompt)[0]
     capsys.readouterr()
     # The vocabulary selects rows of full-vocabulary weights: a resumed run may choose another one.
-    run("draft-vocab", 62, "--draft-vocab", "32", "--eval-every", "1")
+    run("draft-vocab", 62, "--draft-vocab", "32", "--eval-every", "1", "--format", "speculators")
     err = capsys.readouterr().err
     assert "resuming at step 60" in err and "the draft vocabulary changed with the data: 0 tokens in, 32 out" in err
-    resumed = json.loads((out / "draft_vocab.json").read_text())["ids"]
+    resumed = draft_ids(out)
     assert len(resumed) == 32 and set(resumed) <= set(ids)
     assert load_drafter(str(out), target).draft_vocab.tolist() == resumed
+    # Training goes on from it, the vocabulary kept; no step leaves its weights as they were.
+    kept = run("draft-vocab-kept", 0, "--init", str(out), "--format", "speculators")
+    assert draft_ids(kept) == resumed
+    with safe_open(out / "model.safetensors", "pt") as a, safe_open(kept / "model.safetensors", "pt") as b:
+        assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
 
 def test_a_second_prompt_group_is_answered_and_cached_on_its_own(run, capsys):

@@ -117,10 +117,18 @@ def utc(monkeypatch):
 
 
 def test_picker(snap_compare, tmp_path):
-    """The picker on four frozen catalog rows: the embedded pair first and highlighted, a partial download, two
-    pairs that do not fit (plan in red), and the highlighted pair's explanation below the table."""
+    """The picker on five frozen catalog rows: the embedded pair first and highlighted, a partial download, two
+    pairs that do not fit (plan in red), Qwen3-4B's two drafters under one target name, and the highlighted
+    pair's explanation below the table. The frozen rows list Qwen3-4B's DFlash pair last; the picker shows it
+    with the target's other drafter."""
     app = DSparkChat(catalog_rows=ROWS, history=History(tmp_path))
-    assert snap_compare(app, terminal_size=SIZE, run_before=settle)
+
+    async def run_before(pilot):
+        await settle(pilot)
+        assert [r["name"] for r in pilot.app.screen.shown] == [
+            "smollm2", "qwen3-4b-dspark", "qwen3-4b-dflash", "qwen3-8b-dflash", "qwen3-14b-dspark"]
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
 
 def test_picker_filtered(snap_compare, tmp_path):
