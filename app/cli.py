@@ -12,13 +12,14 @@ ENGINE_COMMANDS = {"generate": "answer one prompt and print decoding statistics"
                    "train": "train a DSpark drafter for a target (online distillation)",
                    "export": "write a drafter in a layout other engines load (speculators or DeepSpec's)"}
 
-USAGE = """usage: dspark-chat [--model PAIR | --engine-url URL [--api-key KEY]]
+USAGE = """usage: dspark-chat [--model PAIR | --engine-url URL [--api-key KEY]] [--compile auto|on|off]
        dspark-chat COMMAND [options]
 
 With no command, opens the chat app: pick a pair, chat, compare speculation on and off.
   --model PAIR       start this catalog pair at once (`dspark-chat models` lists them)
   --engine-url URL   use an engine that is already running: ours or any OpenAI-compatible server
   --api-key KEY      the key that server wants
+  --compile auto|on|off  the engine's passes compiled (auto: on a GPU)
 
 commands:
 {commands}

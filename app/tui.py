@@ -927,8 +927,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model", help="start this catalog pair at once instead of showing the picker")
     parser.add_argument("--engine-url", help="use an engine that is already running: ours or any OpenAI-compatible server")
     parser.add_argument("--api-key", help="API key for --engine-url")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                        help="the engine's passes compiled (auto: on a GPU); the first start on a machine compiles for minutes")
     args = parser.parse_args(argv)
     if args.model and args.engine_url:
         parser.error("--model starts an engine and --engine-url uses a running one: give one of them")
-    DSparkChat(pair=args.model, engine_url=args.engine_url, api_key=args.api_key).run()
+    DSparkChat(pair=args.model, engine_url=args.engine_url, api_key=args.api_key, engine_args=("--compile", args.compile)).run()
     return 0

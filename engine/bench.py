@@ -3,18 +3,20 @@ that drift in machine speed touches every mode alike."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from .catalog import shipped_drafter
+from .compiled import CompiledTarget, compile_drafter, compile_target, wants_compile
 from .cpu_linear import cpuinfo
 from .decode import Drafter
 from .divergence import explain_divergence
@@ -49,6 +51,12 @@ class Mode:
     llama: object | None = None  # a llama_cpp.Llama, for the llama.cpp mode
     # Why its greedy output need not equal the baseline's token for token (None: it must).
     not_exact: str | None = None
+    # Compiled modes (`MODE/compiled`): the compiled target, its SPS profile, and the mode whose output
+    # this one's must equal (the compiled baseline, which in turn is held to the eager one at near-ties).
+    target: Target | None = None
+    sps: list[float] | None = None
+    reference: str = "baseline"
+    eager: str | None = None  # the eager mode it is paired with
 
 
 @dataclass
@@ -126,6 +134,39 @@ def build_modes(engine: Engine, names: list[str], prompt_lookup_tokens: int, ass
     return modes
 
 
+COMPILED = "/compiled"
+
+
+def compiled_modes(modes: list[Mode], target: CompiledTarget, sps: list[float] | None, both: bool) -> list[Mode]:
+    """Each engine mode run on the compiled target as MODE/compiled, beside its eager self when `both`
+    (transformers and llama.cpp modes run as they are), with its DSpark drafter compiled where it can be
+    (a twin sharing its weights, so that the eager mode keeps the eager drafter). A compiled mode's greedy
+    output must equal the compiled baseline's; the compiled baseline may part from the eager one at
+    near-ties only."""
+    twins: dict[int, DSparkDrafter] = {}
+
+    def compiled_drafter(drafter):
+        if isinstance(drafter, LookupOrDraft):
+            return LookupOrDraft(compiled_drafter(drafter.drafter), drafter.lookup)
+        if not isinstance(drafter, DSparkDrafter):
+            return drafter
+        if id(drafter) not in twins:
+            twins[id(drafter)] = twin = copy.copy(drafter)  # shares the modules, keeps its own context
+            compile_drafter(twin, target.max_length)
+        return twins[id(drafter)]
+
+    out = []
+    for mode in modes:
+        engine_mode = mode.hf_options is None and mode.llama is None
+        if both or not engine_mode:
+            out.append(mode)
+        if engine_mode:
+            reference = BASELINE if mode.name == BASELINE else BASELINE + COMPILED
+            out.append(replace(mode, name=mode.name + COMPILED, drafter=compiled_drafter(mode.drafter), target=target,
+                               sps=sps, reference=reference, eager=mode.name if both else None))
+    return out
+
+
 def load_llama(target: Target):
     """The target's own GGUF file in llama-cpp-python, on as many threads as torch uses."""
     if target.name == EMBEDDED:
@@ -167,8 +208,13 @@ def run_mode(engine: Engine, mode: Mode, ids: list[int], sampling: Sampling, max
 
 
 def run_engine(engine: Engine, mode: Mode, ids: list[int], sampling: Sampling, max_new_tokens: int) -> tuple[list[int], dict]:
-    drafter, temperatures = engine.drafter, engine.scheduler.temperatures
+    kept = engine.drafter, engine.scheduler.temperatures
     engine.drafter, engine.scheduler.temperatures = mode.drafter, mode.temperatures
+    # A compiled mode swaps in its target and that target's SPS profile, and only for its run: the engine's own
+    # profile, measured by its first drafter run where it had none, stays the eager modes'.
+    eager = engine.target, engine.scheduler.sps
+    if mode.target is not None:
+        engine.target, engine.scheduler.sps = mode.target, mode.sps
     # Every run prefills its whole prompt, as generate() does: a cache left by the mode before would
     # make this one's first token look fast.
     engine.target.rewind(0)
@@ -177,7 +223,9 @@ def run_engine(engine: Engine, mode: Mode, ids: list[int], sampling: Sampling, m
     try:
         steps = [s.to_dict() for s in engine.generate(ids, sampling, max_new_tokens, mode.drafter is not None, scheduler=mode.scheduler)]
     finally:
-        engine.drafter, engine.scheduler.temperatures = drafter, temperatures
+        engine.drafter, engine.scheduler.temperatures = kept
+        if mode.target is not None:
+            engine.target, engine.scheduler.sps = eager
     return [t for s in steps for t in s["token_ids"]], summarize(steps) | position_counts(steps)
 
 
@@ -341,14 +389,15 @@ def bench(engine: Engine, prompts: list[list[str]], modes: list[Mode], sampling:
                 answer = engine.tokenizer.decode(tokens, skip_special_tokens=True)
                 histories[mode.name] = asked[mode.name] + [{"role": "assistant", "content": answer}]
                 results.append(Result(mode.name, p, t, tokens, stats["decode_tokens_per_s"], stats["time_to_first_token_ms"], stats))
-            if checked:
-                ids, reference = prompt_ids[BASELINE], outputs[BASELINE]
-                for name in checked:
-                    # Later turns carry each mode's own earlier answers, so compare only like with like.
-                    if prompt_ids[name] == ids:
-                        d = explain_divergence(engine.target, ids, reference, outputs[name])
-                        if d is not None:
-                            divergences.append({"mode": name, "prompt": p, "turn": t, **d.to_dict()})
+            for mode in modes:
+                if mode.name not in checked:
+                    continue
+                # Later turns carry each mode's own earlier answers, so compare only like with like.
+                ids = prompt_ids[mode.reference]
+                if prompt_ids[mode.name] == ids:
+                    d = explain_divergence(engine.target, ids, outputs[mode.reference], outputs[mode.name])
+                    if d is not None:
+                        divergences.append({"mode": mode.name, "prompt": p, "turn": t, **d.to_dict()})
     return report(results, modes, divergences, sampling, max_new_tokens, engine.target.name) | {"repeats": repeats}
 
 
@@ -358,8 +407,8 @@ def _identity_note(mode: Mode, modes: list[Mode], sampling: Sampling) -> str | N
         return "the reference"
     if not sampling.greedy:
         return "not checked: sampled outputs differ by chance"
-    if not any(m.name == BASELINE for m in modes):
-        return "not checked: no baseline mode to compare with"
+    if not any(m.name == mode.reference for m in modes):
+        return f"not checked: no {mode.reference} mode to compare with"
     return mode.not_exact
 
 
@@ -391,11 +440,16 @@ def report(results: list[Result], modes: list[Mode], divergences: list[dict], sa
             "near_ties": sum(1 for d in divergences if d["mode"] == mode.name and d["near_tie"]) if note is None else None,
             "mismatches": sum(1 for d in divergences if d["mode"] == mode.name and not d["near_tie"]) if note is None else None,
         }
-    for name, row in rows.items():
+    for mode in modes:
+        row = rows[mode.name]
         for reference in (BASELINE, "hf"):
-            ratios = _ratios(results, name, reference)
+            ratios = _ratios(results, mode.name, reference)
             row[f"speedup_vs_{reference}"] = statistics.median(ratios) if ratios else None
             row[f"speedup_vs_{reference}_range"] = [min(ratios), max(ratios)] if ratios else None
+        # A compiled mode over the same mode run eagerly, prompt by prompt (bench --compile both).
+        ratios = _ratios(results, mode.name, mode.eager) if mode.eager else []
+        row["speedup_vs_eager"] = statistics.median(ratios) if ratios else None
+        row["speedup_vs_eager_range"] = [min(ratios), max(ratios)] if ratios else None
     checked = any(row["identity_checked"] for row in rows.values())
     return {"machine": machine(), "target": target, "sampling": asdict(sampling), "max_new_tokens": max_new_tokens,
             "modes": rows, "outputs_identical": not divergences if checked else None, "divergences": divergences,
@@ -424,7 +478,9 @@ def _ratios(results: list[Result], name: str, reference: str) -> list[float]:
 
 def format_table(report: dict) -> str:
     width = max(22, 2 + max(map(len, report["modes"])))  # labelled drafter modes run long
-    head = f"{'mode':<{width}}{'tok/s':>8}{'(min-max)':>16}{'TTFT ms':>9}{'tau':>6}{'accept':>8}{'draft':>7}{'vs base':>9}{'vs hf':>7}{'ties':>6}{'bugs':>6}"
+    paired = any(row.get("speedup_vs_eager") is not None for row in report["modes"].values())
+    head = (f"{'mode':<{width}}{'tok/s':>8}{'(min-max)':>16}{'TTFT ms':>9}{'tau':>6}{'accept':>8}{'draft':>7}{'vs base':>9}"
+            f"{'vs hf':>7}{'vs eager' if paired else '':>9}{'ties':>6}{'bugs':>6}")
     lines = [head, "-" * len(head)]
 
     def num(value, fmt):
@@ -436,11 +492,14 @@ def format_table(report: dict) -> str:
             f"{name:<{width}}{row['decode_tokens_per_s_median']:>8.1f}{spread:>16}{row['time_to_first_token_ms_median']:>9.0f}"
             f"{num(row['tau'], '.2f'):>6}{num(row['acceptance_rate'], '.0%'):>8}"
             f"{num(row['draft_share'], '.0%'):>7}{num(row['speedup_vs_baseline'], '.2f'):>9}"
-            f"{num(row['speedup_vs_hf'], '.2f'):>7}{num(row['near_ties'], 'd'):>6}{num(row['mismatches'], 'd'):>6}"
+            f"{num(row['speedup_vs_hf'], '.2f'):>7}{num(row.get('speedup_vs_eager'), '.2f') if paired else '':>9}"
+            f"{num(row['near_ties'], 'd'):>6}{num(row['mismatches'], 'd'):>6}"
         )
     for name, row in report["modes"].items():
         if name != BASELINE and not row["identity_checked"]:
             lines.append(f"{name}: ties/bugs {row['identity_note']}")
+    if any(name.endswith(COMPILED) for name in report["modes"]):
+        lines.append(f"MODE{COMPILED}: ties/bugs against {BASELINE}{COMPILED}, and {BASELINE}{COMPILED}'s against {BASELINE}")
     if report.get("repeats", 1) > 1:
         lines.append(f"tok/s: each mode's fastest of {report['repeats']} runs per prompt turn")
     m = report["machine"]
@@ -583,6 +642,13 @@ def main(args) -> int:
     if len(engine.scheduler.sps or []) < needed:
         # The auto scheduler weighs each drafter's drafts against the verify cost of every length it drafts.
         engine.scheduler.sps = sps_profile(engine.target, needed, cache_dir()).sps
+    if args.compile == "both" or wants_compile(args.compile, engine.target.device):
+        layers = tuple(sorted({i for m in modes if m.drafter is not None for i in m.drafter.feature_layers}))
+        compiled = compile_target(engine.target, max(needed, 1), layers, cache_dir(),
+                                  lambda line: print(f"compiling ({line})", file=sys.stderr))
+        if compiled is not engine.target:
+            sps = sps_profile(compiled, needed, cache_dir()).sps if needed else None
+            modes = compiled_modes(modes, compiled, sps, both=args.compile == "both")
     sampling = Sampling(args.temperature, seed=args.seed)
     progress = Progress(len(prompts), sum(len(t) for t in prompts) * len(modes) * args.repeats)
     result = bench(engine, prompts, modes, sampling, args.max_new_tokens, progress=progress, repeats=args.repeats)

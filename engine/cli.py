@@ -10,6 +10,9 @@ import sys
 
 from .scheduler import MODES
 
+COMPILE_HELP = ("run the target's passes compiled, with a cache made for the whole context (CUDA graphs on a GPU); "
+                "the first start on a machine compiles (minutes on a small CPU), later ones reuse the result. "
+                "auto (the default): on for CUDA, off on a CPU; a model it cannot compile runs eagerly")
 FLOAT_DRAFTER_HELP = ("keep a drafter's weights in float on an x86 CPU; by default they run in int8 there, "
                       "which halves a draft's cost and changes no output")
 
@@ -63,6 +66,7 @@ def _add_model_flags(sub) -> None:
     sub.add_argument("--quant", choices=["none", "8bit", "4bit"], help="with --model: bitsandbytes quantisation (default: planned)")
     sub.add_argument("--max-memory", help="with --model: usable memory per device, e.g. 0=20GiB,1=22GiB,cpu=48GiB")
     sub.add_argument("--device-map", help="with --model: cpu, mps, cuda:N (one device) or auto (split over the GPUs)")
+    sub.add_argument("--compile", nargs="?", const="on", choices=["auto", "on", "off"], default="auto", help=COMPILE_HELP)
 
 
 def resolve_model(args) -> dict | None:
@@ -180,10 +184,19 @@ def _add_bench_command(commands) -> None:
     bench.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     bench.add_argument("--float-drafter", action="store_true", help=FLOAT_DRAFTER_HELP)
     bench.add_argument("--device")
+    bench.add_argument("--compile", nargs="?", const="on", choices=["auto", "on", "off", "both"], default="auto",
+                       help="run the engine's modes compiled (labelled MODE/compiled); both: each mode eager and compiled "
+                            "side by side, with the compiled/eager ratio per prompt (default auto: compiled on CUDA)")
     bench.add_argument("--json", help="write the full report (machine, per-mode summary, every run) here")
     bench.add_argument("--plot", help="write a PNG here: speedup per mode and acceptance per draft position (needs matplotlib)")
     bench.add_argument("--profile", action="store_true", help="print the target's SPS(B) profile the auto scheduler uses, and stop")
     bench.add_argument("--block", type=int, default=7, help="with --profile: drafter block size; B runs 1..block+1 (default 7)")
+
+
+def say_compiling(phase: str) -> None:
+    """generate says nothing of loading but compiling, which takes minutes on a first start."""
+    if phase.startswith("compiling"):
+        print(phase, file=sys.stderr)
 
 
 def generate(args) -> int:
@@ -194,7 +207,8 @@ def generate(args) -> int:
 
     engine = Engine.load(
         args.target, args.drafter, args.prompt_lookup, args.dtype, args.device, args.scheduler, args.threshold, args.calibration,
-        default_drafter=not args.no_spec, placement=placement, float_drafter=args.float_drafter,
+        default_drafter=not args.no_spec, placement=placement, float_drafter=args.float_drafter, compile=args.compile,
+        phase=say_compiling,
     )
     if args.raw:
         prompt_ids = engine.tokenizer(args.prompt, add_special_tokens=False)["input_ids"]

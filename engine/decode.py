@@ -129,11 +129,12 @@ def decode(
     logits, features = target.forward(prompt_ids[reuse:], layers, last_only=True)
     if drafter is not None and layers:
         drafter.observe(features)
-    first, _ = sampling.pick(logits[-1:], generator)
-    ids = list(prompt_ids) + first.tolist()
+    anchor, _ = sampling.pick(logits[-1:], generator)  # [1] on the device: where the next pass starts
+    first = anchor.tolist()
+    ids = list(prompt_ids) + first
     generated = 1
     finish = _finish(ids[-1:], target.stop_ids, generated, budget)
-    yield Step(first.tolist(), stream.push(first.tolist()) + (stream.flush() if finish else ""), [], 0, 0, ["target"],
+    yield Step(first, stream.push(first) + (stream.flush() if finish else ""), [], 0, 0, ["target"],
                0.0, _ms(t), _ms(started), prefill=True, finish_reason=finish)
 
     while finish is None:
@@ -146,25 +147,33 @@ def decode(
             drafter.propose(torch.tensor(ids), limit, sampling, generator) if drafter is not None and limit > 0
             else Proposal.empty(target.device)
         )
-        draft_ids = proposal.tokens.tolist()
-        confidences = None
-        if proposal.confidence_logits is not None:
-            confidences = scheduler.confidences(proposal.confidence_logits)
+        drafted = proposal.tokens.shape[0]
+        certainty = None if proposal.confidence_logits is None else scheduler.calibrated(proposal.confidence_logits)
+        # The pass's width is chosen on the host, so a scheduler that weighs confidences reads them now.
+        confidences = certainty.tolist() if certainty is not None and scheduler.weighs_confidences else None
         # Decided before the target sees the drafts, from the proposal and past rounds only: lossless.
-        n = scheduler.verify_count(len(draft_ids), confidences, proposal.match)
+        n = scheduler.verify_count(drafted, confidences, proposal.match)
         draft_ms = _ms(t)
 
-        # Verify: one target pass over the anchor and n drafts, then the lossless rule.
+        # Verify: one target pass over the anchor and n drafts, then the lossless rule, on the device.
         t = time.perf_counter()
-        logits, features = target.forward(ids[-1:] + draft_ids[:n], layers)
-        drafts = proposal.tokens[:n].to(logits.device)
+        drafts = proposal.tokens.to(target.device, non_blocking=True)
+        logits, features = target.forward(torch.cat([anchor.to(target.device), drafts[:n]]), layers)
+        checked = drafts[:n].to(logits.device)
         if sampling.greedy:
-            accepted, bonus = accept_greedy(logits, drafts)
+            accepted, bonus = accept_greedy(logits, checked)
         else:
             draft_probs = None if proposal.probs is None else proposal.probs[:n].to(logits.device)
-            accepted, bonus = accept_sampled(sampling.probs(logits), drafts, draft_probs, generator)
+            accepted, bonus = accept_sampled(sampling.probs(logits), checked, draft_probs, generator)
+        anchor = bonus.view(1)
+        # The round's one read: how many drafts were accepted, the target's token after them, and what
+        # the event reports (the drafts, and their confidences if the scheduler did not read them).
+        unread = certainty if confidences is None else None
+        accepted, bonus, draft_ids, read_confidences = _read(accepted, bonus, drafts, unread)
+        accepted, bonus, draft_ids = int(accepted[0]), int(bonus[0]), [int(i) for i in draft_ids]
+        confidences = confidences if unread is None else read_confidences
         scheduler.observe(confidences, proposal.match, n, accepted)
-        committed = draft_ids[:accepted] + [int(bonus)]
+        committed = draft_ids[:accepted] + [bonus]
         origins = ["draft"] * accepted + ["target"]
         # The cache now holds the anchor and n drafts: keep the anchor and the accepted ones.
         target.rewind(len(ids) + accepted)
@@ -187,6 +196,18 @@ def decode(
         text = stream.push(committed) + (stream.flush() if finish else "")
         yield Step(committed, text, draft_ids, n, min(accepted, len(committed)), origins, draft_ms, verify_ms,
                    _ms(started), confidences=confidences, finish_reason=finish)
+
+
+def _read(*tensors: torch.Tensor | None) -> list[list[float] | None]:
+    """Several device tensors in one transfer to the host (None stays None). Token ids travel as float32,
+    exact below 2**24: vocabularies hold at most a few hundred thousand tokens."""
+    present = [t for t in tensors if t is not None]
+    values = torch.cat([t.reshape(-1).float().to(present[0].device) for t in present]).tolist()
+    out = []
+    for t in tensors:
+        out.append(None if t is None else values[: t.numel()])
+        values = values[0 if t is None else t.numel():]
+    return out
 
 
 def _finish(tokens: list[int], stop_ids: tuple[int, ...], generated: int, budget: int) -> str | None:

@@ -60,18 +60,26 @@ class DraftAttention(nn.Module):
         v = self.v_proj(context).view(c, self.kv_heads, self.head_dim).transpose(0, 1)
         return _rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, past_k, past_v):
-        """x: block rows [b, d]; past_k/past_v: the context keys and values."""
+    def forward(self, x, cos, sin, past_k, past_v, visible=None):
+        """x: block rows [b, d]; past_k/past_v: the context keys and values; visible: which of those the
+        block sees (None: all of them)."""
         b = x.shape[0]
         q = _rope(self.q_norm(self.q_proj(x).view(b, self.heads, self.head_dim)).transpose(0, 1), cos, sin)
         k, v = self.context_kv(x, cos, sin)
         if self.window is not None:
             past_k, past_v = past_k[:, -self.window :], past_v[:, -self.window :]
         k, v = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
-        # Block row i sees every context row and block rows 0..i.
-        mask = torch.ones(b, k.shape[1], dtype=torch.bool, device=x.device).tril(past_k.shape[1]) if self.causal_block else None
+        if self.causal_block:  # block row i sees every context row and block rows 0..i
+            mask = torch.ones(b, k.shape[1], dtype=torch.bool, device=x.device).tril(past_k.shape[1])
+        else:
+            mask = block_mask(visible, b)
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
         return self.o_proj(out[0].transpose(0, 1).reshape(b, -1))
+
+
+def block_mask(visible: torch.Tensor | None, block: int) -> torch.Tensor | None:
+    """The keys a block's queries see: the visible context positions, then the whole block."""
+    return None if visible is None else torch.cat([visible, visible.new_ones(block)])[None]
 
 
 class DraftLayer(nn.Module):
@@ -84,8 +92,8 @@ class DraftLayer(nn.Module):
         self.input_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, past_k, past_v):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v)
+    def forward(self, x, cos, sin, past_k, past_v, visible=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, visible)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -232,17 +240,42 @@ class DSparkDrafter(nn.Module):
 
     # --- the sequence state -------------------------------------------------------------------
     def rewind(self, length: int) -> int:
-        """Forget every position from `length` on; returns how many positions of context remain."""
-        if length <= 0 or not hasattr(self, "_past"):
-            self._past: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
-            self._cached = 0  # positions whose context keys/values are in _past
+        """Forget every position from `length` on; returns how many positions of context remain. The
+        context's keys and values stay where they are: forgetting is a length change."""
+        if length <= 0 or not hasattr(self, "_cached"):
+            self._cached = 0  # positions whose context keys/values are in _kv
             self._pending: torch.Tensor | None = None  # features of the positions after those
         elif length < self._cached:
-            self._past = [None if p is None else (p[0][:, :length], p[1][:, :length]) for p in self._past]
             self._cached, self._pending = length, None
         elif self._pending is not None:
             self._pending = self._pending[: length - self._cached]
         return self.context_length
+
+    def reserve(self, positions: int) -> None:
+        """Make room for the context's keys and values at once (compiled CUDA graphs read them in place:
+        a buffer that grows later moves, and each move is a new recording)."""
+        self._room(positions, exact=True)
+
+    def _room(self, positions: int, exact: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, buffers for at least `positions` context keys and values, grown geometrically (like
+        the target's GrowingLayer) with what they hold kept."""
+        kv = getattr(self, "_kv", None)
+        if kv is None or kv[0][0].shape[1] < positions:
+            capacity = positions if exact else max(256, 2 * positions)
+            grown = []
+            for i, layer in enumerate(self.layers):
+                attention = layer.self_attn
+                shape = (attention.kv_heads, capacity, attention.head_dim)
+                pair = tuple(torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in "kv")
+                if kv is not None:
+                    for new, old in zip(pair, kv[i]):
+                        new[:, : self._cached] = old[:, : self._cached]
+                grown.append(pair)
+            self._kv = kv = grown
+            if self.compiled is not None and self.device.type == "cuda":
+                for buffer in (b for pair in kv for b in pair):
+                    torch._dynamo.mark_static_address(buffer)
+        return kv
 
     @property
     def context_length(self) -> int:
@@ -271,23 +304,35 @@ class DSparkDrafter(nn.Module):
         n = min(limit, self.block_size)
         if n <= 0:
             return Proposal.empty(ids.device)
-        block = self.backbone(ids[-1])
+        anchor = ids[-1].to(self.device, non_blocking=True)  # a blocking copy would wait for the device
+        x, cos, sin = self._block_inputs(anchor)
+        if self.compiled is not None and sampling.greedy and n == self.block_size:
+            return self._propose_compiled(x, cos, sin, anchor)
+        kv = self._room(start)
+        block = self._layers(x, cos, sin, [(k[:, :start], v[:, :start]) for k, v in kv])
         hidden = block[self.first_slot : self.first_slot + n]
+        markov = self.markov_head.weights(self.draft_vocab) if self.markov_head is not None else None
+        state = None
+        if markov is not None and self.first_slot and self.markov_head.kind == "rnn":
+            # The recurrent state runs over the whole block: the anchor's slot (its previous token the
+            # anchor itself) updates it before slot 1 drafts, as speculators trains it.
+            state = markov_bias("rnn", markov, anchor, block[0], None)[1]
+        tokens, probs, confidence = self._head(hidden, anchor, markov, sampling, generator, state)
+        return Proposal(tokens, probs, confidence)
+
+    def _head(self, hidden: torch.Tensor, anchor: torch.Tensor, markov: dict | None, sampling: Sampling, generator=None,
+              state: torch.Tensor | None = None):
+        """The block's tokens (through the Markov head's `markov` weights, when there is one, from the recurrent
+        `state`), the distributions they were drawn from (None when greedy) and the confidence logits (None
+        without a confidence head)."""
         base_logits = self.logits(hidden)
-        anchor = ids[-1].to(self.device)
         vocab = self.draft_vocab
-        if self.markov_head is None:
+        if markov is None:
             tokens, probs = sampling.pick(base_logits, generator)
             tokens = tokens if vocab is None else vocab[tokens]
         else:
-            weights = self.markov_head.weights(vocab)
-            state = None
-            if self.first_slot and self.markov_head.kind == "rnn":
-                # The recurrent state runs over the whole block: the anchor's slot (its previous token the
-                # anchor itself) updates it before slot 1 drafts, as speculators trains it.
-                state = markov_bias("rnn", weights, anchor, block[0], None)[1]
             tokens, _, probs = markov_draft(
-                base_logits, hidden, anchor, self.markov_head.kind, weights,
+                base_logits, hidden, anchor, self.markov_head.kind, markov,
                 sampling.temperature, sampling.top_k, sampling.top_p, generator, vocab, state,
             )
         if probs is not None and vocab is not None:  # the acceptance rule compares with the target's whole vocabulary
@@ -299,31 +344,80 @@ class DSparkDrafter(nn.Module):
                 prev = torch.cat([anchor.view(1), tokens[:-1]])
                 features = torch.cat([hidden, self.markov_head.markov_w1(prev).to(hidden.dtype)], -1)
             confidence = self.confidence_head.proj(features).squeeze(-1).float()
-        return Proposal(tokens, probs, confidence)
+        return tokens, probs, confidence
 
     def backbone(self, anchor: torch.Tensor) -> torch.Tensor:
         """Hidden states [slots, d] of the block [anchor, mask, ...]; folds pending context into the cache."""
+        x, cos, sin = self._block_inputs(anchor)
+        kv = self._room(self._cached)
+        return self._layers(x, cos, sin, [(k[:, : self._cached], v[:, : self._cached]) for k, v in kv])
+
+    def _block_inputs(self, anchor: torch.Tensor):
+        """Folds the pending context into the keys and values, and returns the block [anchor, mask, ...]'s
+        embeddings and its positions' rotary cos and sin."""
         start, gamma = self.context_length, self.slots
         embed_device = self.embed_tokens.weight.device
         block_ids = torch.full((gamma,), self.mask_token_id, dtype=torch.long, device=embed_device)
-        block_ids[0] = anchor
+        block_ids[0] = anchor.to(embed_device)
         x = self.embed_tokens(block_ids).to(self.device, self.dtype)
         positions = torch.arange(self._cached, start + gamma, device=self.device)
         cos, sin = self.rotary_emb(x, positions[None])
         cos, sin = cos[0], sin[0]
         new = start - self._cached
-        context = None
         if new:
             context = self.hidden_norm(self.fc(self._pending.to(self.device, x.dtype)))
-        for i, layer in enumerate(self.layers):
-            past = self._past[i]
-            if context is not None:
+            kv = self._room(start)
+            for layer, (keys, values) in zip(self.layers, kv):
                 k, v = layer.self_attn.context_kv(context, cos[:new], sin[:new])
-                past = (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
-                self._past[i] = past
-            if past is None:
-                empty = x.new_zeros(layer.self_attn.kv_heads, 0, layer.self_attn.head_dim)
-                past = (empty, empty)
-            x = layer(x, cos[new:], sin[new:], *past)
+                keys[:, self._cached : start], values[:, self._cached : start] = k, v
         self._cached, self._pending = start, None
+        return x, cos[new:], sin[new:]
+
+    def _layers(self, x, cos, sin, past, visible=None) -> torch.Tensor:
+        for layer, (keys, values) in zip(self.layers, past):
+            x = layer(x, cos, sin, keys, values, visible)
         return self.norm(x)
+
+    # --- compiled drafting ----------------------------------------------------------------------
+    compiled = None
+
+    def compile(self, positions: int) -> None:
+        """Compile the greedy block (layers, LM head, Markov chain, confidence) into one graph, a CUDA graph on
+        CUDA, with room for `positions` of context, and draft one block with it. Raises what compiling raises;
+        an int8 drafter is refused: torch.compile does not trace its quantised products."""
+        if self.int8:
+            raise ValueError("its int8 products are not traced by torch.compile; it runs eagerly, in int8")
+        if self.first_slot or any(layer.self_attn.window is not None for layer in self.layers):
+            raise ValueError("the compiled block drafts from every slot with full attention; this drafter's 1+N block "
+                             "or sliding-window layers (speculators' layout) run eagerly")
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        # The Markov head's rows for the draft vocabulary, gathered once: the graph reads them as they are.
+        self._markov = self.markov_head.weights(self.draft_vocab) if self.markov_head is not None else None
+        self.compiled = torch.compile(self._greedy_block, mode=mode, fullgraph=True, dynamic=False)
+        self.rewind(0)
+        self._kv = None
+        self.reserve(positions + self.block_size)
+        self.propose(torch.zeros(1, dtype=torch.long), self.block_size, Sampling())
+        self.rewind(0)
+
+    def _propose_compiled(self, x, cos, sin, anchor) -> Proposal:
+        from .compiled import key_length
+
+        # The block attends to the buffers up to a bucketed length (never past their end, which holds the
+        # context); the positions past the context are hidden.
+        length = min(key_length(self._cached, self.device), self._room(self._cached)[0][0].shape[1])
+        visible = torch.arange(length, device=self.device) < self._cached
+        torch._dynamo.mark_dynamic(visible, 0)
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        # Copies, not views: dynamo would specialise on a view's offset, which moves every round.
+        tokens, confidence = self.compiled(x, cos.clone(), sin.clone(), visible, anchor.clone())
+        # A CUDA graph's outputs are overwritten by its next replay: the loop reads them within the round,
+        # but a proposal may outlive it (a test's record of drafts), so it gets copies.
+        return Proposal(tokens.clone(), None, None if confidence is None else confidence.clone())
+
+    def _greedy_block(self, x, cos, sin, visible, anchor):
+        length = visible.shape[0]
+        hidden = self._layers(x, cos, sin, [(k[:, :length], v[:, :length]) for k, v in self._kv], visible)
+        tokens, _, confidence = self._head(hidden, anchor, self._markov, Sampling())
+        return tokens, confidence

@@ -27,7 +27,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 
-from .dspark import DSparkDrafter, _rope
+from .dspark import DSparkDrafter, _rope, block_mask
 
 TEXT_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -87,13 +87,13 @@ class Gemma4DraftAttention(nn.Module):
         v = k if self.v_proj is None else self.v_proj(context).view(c, self.kv_heads, self.head_dim)
         return _rope(self.k_norm(k).transpose(0, 1), cos, sin), self.v_norm(v).transpose(0, 1)
 
-    def forward(self, x, cos, sin, past_k, past_v):
+    def forward(self, x, cos, sin, past_k, past_v, visible=None):
         b = x.shape[0]
         q = _rope(self.q_norm(self.q_proj(x).view(b, self.heads, self.head_dim)).transpose(0, 1), cos, sin)
         k, v = self.context_kv(x, cos, sin)
         k, v = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
         out = F.scaled_dot_product_attention(
-            q[None], k[None], v[None], scale=1.0, enable_gqa=self.heads != self.kv_heads
+            q[None], k[None], v[None], attn_mask=block_mask(visible, b), scale=1.0, enable_gqa=self.heads != self.kv_heads
         )
         return self.o_proj(out[0].transpose(0, 1).reshape(b, -1))
 
@@ -131,8 +131,8 @@ class Gemma4DraftLayer(nn.Module):
         self.post_feedforward_layernorm = Gemma4RMSNorm(d, eps=eps)
         self.register_buffer("layer_scalar", torch.ones(1))  # persistent: checkpoints store it
 
-    def forward(self, x, cos, sin, past_k, past_v):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v))
+    def forward(self, x, cos, sin, past_k, past_v, visible=None):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, visible))
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x * self.layer_scalar
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .catalog import shipped_drafter
+from .compiled import CompiledTarget, compile_drafter, compile_target, verify_width, wants_compile
 from .decode import Drafter, Step, decode
 from .dspark import DSparkDrafter
 from .eagle3 import Eagle3Drafter
@@ -45,13 +46,17 @@ class Engine:
         float_drafter: bool = False,
         wait_for_profile: bool = True,
         phase: Callable[[str], None] = lambda name: None,
+        compile: str = "off",
+        max_length: int | None = None,
     ) -> "Engine":
         """A drafter with prompt lookup copies where the context repeats itself and drafts with the model
         elsewhere (LookupOrDraft). With neither asked for, a target with a shipped drafter gets it with
         prompt lookup, the fastest way on code and maths and close to prompt lookup alone on chat
         (README, "Benchmark"; `default_drafter=False` loads no drafter: plain decoding). On an x86
         CPU the drafter runs in int8 unless `float_drafter` (load_drafter). `phase(name)` is called as each
-        part of loading begins (the server shows them with their times)."""
+        part of loading begins (the server shows them with their times), compiling among them. `compile` is on,
+        off or auto (compiled.wants_compile). `max_length` caps the context, which the compiled target's cache
+        is made for."""
         if not drafter and not prompt_lookup and default_drafter:
             drafter = shipped_drafter(target)
             prompt_lookup = drafter is not None
@@ -67,6 +72,13 @@ class Engine:
             if prompt_lookup:
                 draft = LookupOrDraft(draft)
             plan.temperatures = load_calibration(Path(calibration)) if calibration else folder_calibration(folder)
+        if max_length:
+            loaded.max_length = min(loaded.max_length, max_length)
+        if wants_compile(compile, loaded.device):
+            loaded = compile_target(loaded, verify_width(draft), draft.feature_layers if draft else (), cache_dir(),
+                                    lambda line: phase(f"compiling ({line})"))
+            if isinstance(loaded, CompiledTarget):
+                compile_drafter(draft, loaded.max_length)
         engine = cls(loaded, draft, plan, wait_for_profile)
         if scheduler == "auto":
             engine.scheduler_for("auto")  # the profile now, at start-up, rather than in the first request
@@ -140,7 +152,8 @@ class Engine:
             kind = f"prompt lookup, else {_block(self.drafter.drafter)}, scheduler {self.scheduler.mode}"
         elif isinstance(self.drafter, PromptLookupDrafter):
             kind = "prompt lookup"
-        return f"{self.target.name} ({self.target.dtype}, {self.target.device}), {kind}"
+        compiled = ", compiled" if isinstance(self.target, CompiledTarget) else ""
+        return f"{self.target.name} ({self.target.dtype}, {self.target.device}{compiled}), {kind}"
 
 
 def folder_calibration(folder: Path) -> list[float] | None:
@@ -151,4 +164,5 @@ def folder_calibration(folder: Path) -> list[float] | None:
 
 def _block(drafter: DSparkDrafter | Eagle3Drafter) -> str:
     chain = isinstance(drafter, Eagle3Drafter)
-    return ("Eagle3 drafter, chain" if chain else "drafter block") + f" {drafter.block_size}" + (" in int8" if drafter.int8 else "")
+    return (("Eagle3 drafter, chain" if chain else "drafter block") + f" {drafter.block_size}" + (" in int8" if drafter.int8 else "")
+            + (", compiled" if not chain and drafter.compiled else ""))

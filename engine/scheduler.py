@@ -107,13 +107,21 @@ class Scheduler:
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
 
-    def confidences(self, logits: torch.Tensor) -> list[float]:
-        """Calibrated P(accepted | all before accepted) per position."""
+    @property
+    def weighs_confidences(self) -> bool:
+        """Whether the count depends on the confidences, which must then be read before the pass."""
+        return self.mode != "off"
+
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated P(accepted | all before accepted) per position, on the logits' device."""
         if self.temperatures:
-            t = torch.tensor(self.temperatures[: len(logits)], device=logits.device)
+            t = torch.tensor(self.temperatures[: len(logits)]).to(logits.device, non_blocking=True)
             t = torch.cat([t, t[-1:].expand(len(logits) - len(t))]) if len(t) < len(logits) else t
             logits = logits / t
-        return torch.sigmoid(logits.float()).tolist()
+        return torch.sigmoid(logits.float())
+
+    def confidences(self, logits: torch.Tensor) -> list[float]:
+        return self.calibrated(logits).tolist()
 
     def verify_count(self, drafted: int, confidences: list[float] | None, match: int | None = None) -> int:
         """How many of the drafted tokens to verify. `match` is the proposal's prompt lookup match length."""
@@ -237,12 +245,7 @@ class Profile:
 def _profile_path(target, max_tokens: int, cache: Path) -> tuple[Path, str]:
     import transformers
 
-    device = target.device.type
-    if device == "cuda":
-        device = torch.cuda.get_device_name(target.device)
-    elif device == "cpu":
-        device = cpu_identity()  # a home folder shared between machines, or a VM moved to another host
-    key = json.dumps([target.name, device, str(target.dtype), torch.__version__, transformers.__version__, max_tokens,
+    key = json.dumps([target.name, device_identity(target.device), str(target.dtype), torch.__version__, transformers.__version__, max_tokens,
                       getattr(target, "cpu_linear", {}), getattr(target, "attention", None)])
     return cache / "sps" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json"), key
 
@@ -291,6 +294,14 @@ def _save(path: Path, key: str, profile: Profile) -> Profile:
 def sps_profile(target, max_tokens: int, cache: Path) -> Profile:
     """The cached profile, or one measured now when there is none."""
     return cached_profile(target, max_tokens, cache) or measure_profile(target, max_tokens, cache)
+
+
+def device_identity(device: torch.device) -> str:
+    """What a measurement on this device depends on: a GPU's name, a CPU's identity (a home folder may be
+    shared between machines, or a VM moved to another host)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_identity() if device.type == "cpu" else device.type
 
 
 def _sps(times: list[list[float]]) -> list[float]:

@@ -696,7 +696,7 @@ def run(args, name: str, placement: dict | None = None) -> int:
         # measured it between requests.
         return Engine.load(args.target, args.drafter, args.prompt_lookup, args.dtype, args.device, args.scheduler, args.threshold,
                            args.calibration, placement=placement, float_drafter=args.float_drafter, wait_for_profile=False,
-                           phase=service.phase)
+                           phase=service.phase, compile=args.compile, max_length=args.max_model_len)
 
     def on_listen():
         service.phase("starting: Python, torch, transformers and the server", began=STARTED)

@@ -80,6 +80,41 @@ class GrowingLayer(DynamicLayer):
             self._use(max(0, self.length + tokens_to_remove))
 
 
+class TokenLog:
+    """The ids a cache holds. Ids that arrive as a device tensor (a verify pass over drafts still on the
+    device) are read only when asked for, between requests or to rebuild a cache, so that a pass and its
+    rollback never wait for the device to hand its input back."""
+
+    def __init__(self):
+        self.known: list[int] = []
+        self.unread: list[torch.Tensor] = []
+        self.length = 0
+
+    def extend(self, ids: list[int] | torch.Tensor) -> None:
+        if torch.is_tensor(ids):
+            self.unread.append(ids)
+        else:
+            self.read().extend(ids)
+        self.length += len(ids)
+
+    def truncate(self, length: int) -> None:
+        if length >= self.length:
+            return
+        del self.known[length:]
+        room, kept = length - len(self.known), []
+        for ids in self.unread:
+            if room > 0:
+                kept.append(ids[:room])
+                room -= len(kept[-1])
+        self.unread, self.length = kept, length
+
+    def read(self) -> list[int]:
+        if self.unread:
+            self.known += torch.cat([ids.to(self.unread[0].device) for ids in self.unread]).tolist()
+            self.unread.clear()
+        return self.known
+
+
 class Target:
     def __init__(self, model, tokenizer, name: str, cpu_linear: dict | None = None):
         self.model = model.eval()
@@ -127,29 +162,33 @@ class Target:
             # Convolution layers (hybrid targets) keep their inputs the same way.
             self.cache.activate_past_recording()
             self.hybrid = HybridStates(self.model, self.cache) if stateful_layers(self.cache) else None
-            self.cached_ids: list[int] = []
+            self.log = TokenLog()
             return
-        drop = len(self.cached_ids) - length
+        drop = self.log.length - length
         if drop <= 0:
             return
         if self._sliding_layers_reach_back(drop) and (self.hybrid is None or self.hybrid.holds(drop)):
             self._crop_keys_and_values(drop)
             if self.hybrid:
                 self.hybrid.drop(drop)
-            del self.cached_ids[length:]
+            self.log.truncate(length)
             return
         # Further back than the caches hold (a new turn that edits older text): rebuild, from the checkpoint the
         # recurrent and convolution layers keep after a prefill where there is one.
         kept = self.cached_ids[:length]
         start = self.hybrid.checkpoint_at(length) if self.hybrid else 0
-        if start and self._sliding_layers_reach_back(len(self.cached_ids) - start):
-            self._crop_keys_and_values(len(self.cached_ids) - start)
+        if start and self._sliding_layers_reach_back(self.log.length - start):
+            self._crop_keys_and_values(self.log.length - start)
             self.hybrid.restore_checkpoint()
-            del self.cached_ids[start:]
+            self.log.truncate(start)
         else:
             self.rewind(0)
-        if len(kept) > len(self.cached_ids):
-            self.forward(kept[len(self.cached_ids) :], last_only=True)
+        if len(kept) > self.log.length:
+            self.forward(kept[self.log.length :], last_only=True)
+
+    @property
+    def cached_ids(self) -> list[int]:
+        return self.log.read()
 
     def _crop_keys_and_values(self, drop: int) -> None:
         """Crop every layer's keys and values. Layers with states only are left to HybridStates; those with keys
@@ -160,7 +199,7 @@ class Target:
 
     def _sliding_layers_reach_back(self, drop: int) -> bool:
         """Whether every sliding-window layer holds the window that ends `drop` positions before the end."""
-        total = len(self.cached_ids)
+        total = self.log.length
         for layer in self.cache.layers:
             window = getattr(layer, "sliding_window", None)
             if window and layer.is_initialized and layer.keys.shape[-2] < min(window - 1, total - drop) + drop:
@@ -169,21 +208,21 @@ class Target:
 
     @torch.inference_mode()
     def forward(
-        self, ids: list[int], feature_layers: tuple[int, ...] = (), last_only: bool = False, feature_device=None
+        self, ids: list[int] | torch.Tensor, feature_layers: tuple[int, ...] = (), last_only: bool = False, feature_device=None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run ids after the cached ones. Returns logits [n or 1, V] and, if asked, the hidden states at
-        feature_layers concatenated per position [n, len(layers) * d] (layer i is the output of decoder
-        layer i, -1 the embeddings)."""
+        """Run ids (a list, or a tensor on the device) after the cached ones. Returns logits [n or 1, V] and,
+        if asked, the hidden states at feature_layers concatenated per position [n, len(layers) * d]
+        (layer i is the output of decoder layer i, -1 the embeddings)."""
         new = len(ids)
-        if self.hybrid and not self.hybrid.verified and self.cached_ids and new > 1:
+        if self.hybrid and not self.hybrid.verified and self.log.length and new > 1:
             # This family's layers cannot run several tokens on from a cached state (Jamba): run them all again.
-            ids = self.cached_ids + ids
+            ids = self.cached_ids + (ids.tolist() if torch.is_tensor(ids) else list(ids))
             self.rewind(0)
-        start = len(self.cached_ids)
+        start = self.log.length
         # Verify passes keep each position's recurrent state, so that a rollback is exact (engine/hybrid.py).
         with self.hybrid.per_position(not last_only) if self.hybrid else nullcontext():
             out = self.model(
-                input_ids=torch.tensor([ids], device=self.device),
+                input_ids=device_ids(ids, self.device)[None],
                 # Explicit, as not every model counts them on from its cache (Bamba starts again at 0).
                 position_ids=torch.arange(start, start + len(ids), device=self.device)[None],
                 **{self._cache_argument: self.cache},
@@ -191,11 +230,11 @@ class Target:
                 output_hidden_states=bool(feature_layers),
                 logits_to_keep=1 if last_only else new,
             )
-        self.cached_ids.extend(ids)
+        self.log.extend(ids)
         if self.hybrid:
             self.hybrid.passed(len(ids))
             if last_only:
-                self.hybrid.save_checkpoint(len(self.cached_ids))
+                self.hybrid.save_checkpoint(self.log.length)
         features = None
         if feature_layers:
             device = feature_device or out.hidden_states[-1].device
@@ -211,3 +250,9 @@ def _stop_ids(model, tokenizer) -> tuple[int, ...]:
             if i is not None and i not in ids:
                 ids.append(int(i))
     return tuple(ids)
+
+
+def device_ids(ids: list[int] | torch.Tensor, device) -> torch.Tensor:
+    """Token ids as a tensor on the device. A host list is copied without waiting for the device (a
+    blocking copy would wait for every queued kernel first); a small copy is staged by the driver."""
+    return (ids if torch.is_tensor(ids) else torch.tensor(ids)).to(device, non_blocking=True)

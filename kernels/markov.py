@@ -67,7 +67,7 @@ def markov_draft(
         else:
             prev = step_logits.argmax(-1)
         if vocab is not None:
-            prev = vocab[prev]
+            prev = vocab[prev.view(1)].view(())  # a tensor index, not a Python int: no read of the token
         tokens.append(prev)
         logits.append(step_logits)
     return torch.stack(tokens), torch.stack(logits), torch.stack(probs) if probs else None

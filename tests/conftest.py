@@ -255,3 +255,16 @@ def make_tiny_eagle3(folder: Path, target_dir: Path, speculators: bool = False, 
     save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+@pytest.fixture(scope="session")
+def compiled_tiny(tiny_target):
+    """The tiny target with compiled passes, up to prompt lookup's 11 tokens and with the layers the reference
+    drafters (0, 2) and make_tiny_eagle3's (0, 1) read, compiled once per session (inductor's cache lives in the
+    suite's cache folder)."""
+    from dspark_chat.engine.compiled import CompiledTarget, compile_target
+    from dspark_chat.engine.loading import cache_dir
+
+    compiled = compile_target(tiny_target, 11, (0, 1, 2), cache_dir())
+    assert isinstance(compiled, CompiledTarget)
+    return compiled

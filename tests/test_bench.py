@@ -30,6 +30,7 @@ ROW_FIELDS = {
     "decode_tokens_per_s_median", "decode_tokens_per_s_min", "decode_tokens_per_s_max", "time_to_first_token_ms_median",
     "tokens", "tau", "acceptance_rate", "draft_share", "acceptance_by_position", "identity_checked", "identity_note", "near_ties",
     "mismatches", "speedup_vs_baseline", "speedup_vs_baseline_range", "speedup_vs_hf", "speedup_vs_hf_range",
+    "speedup_vs_eager", "speedup_vs_eager_range",
 }
 REPORT_FIELDS = {"machine", "target", "sampling", "max_new_tokens", "modes", "outputs_identical", "divergences", "runs", "repeats"}
 
@@ -80,6 +81,25 @@ def test_every_mode_runs_and_greedy_outputs_agree(tiny_target, assistant, prompt
     runs = report["runs"]
     assert len(runs) == 3 * len(MODES) and {r["turn"] for r in runs} == {0, 1}
     assert "baseline" in format_table(report) and "machine:" in format_table(report)
+
+
+def test_compile_both_runs_each_engine_mode_eager_and_compiled_side_by_side(tiny_target, compiled_tiny, prompts):
+    from dspark_chat.engine.bench import compiled_modes
+
+    engine = Engine(tiny_target, load_drafter(str(REFERENCE / "dspark"), tiny_target))
+    modes = compiled_modes(build_modes(engine, ["baseline", "drafter+lookup", "hf"], 5), compiled_tiny, None, both=True)
+    names = ["baseline", "baseline/compiled", "drafter+lookup", "drafter+lookup/compiled", "hf"]
+    assert [m.name for m in modes] == names
+    report = bench(engine, read_prompts(prompts, None), modes, Sampling(), 8)
+    rows = report["modes"]
+    assert report["outputs_identical"] is True and report["divergences"] == []
+    for name in ("baseline/compiled", "drafter+lookup/compiled"):
+        assert rows[name]["identity_checked"] and rows[name]["near_ties"] == rows[name]["mismatches"] == 0
+        assert rows[name]["speedup_vs_eager"] > 0 and rows[name]["tokens"] == rows[name.removesuffix("/compiled")]["tokens"]
+    assert rows["drafter+lookup"]["speedup_vs_eager"] is None and rows["hf"]["speedup_vs_eager"] is None
+    table = format_table(report)
+    assert "vs eager" in table and "MODE/compiled: ties/bugs against baseline/compiled, and baseline/compiled's against baseline" in table
+    assert engine.target is tiny_target  # each compiled run swaps the target in and back
 
 
 def test_repeats_keep_the_fastest_run_with_the_first_runs_output(tiny_target, prompts, monkeypatch):

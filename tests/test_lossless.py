@@ -217,7 +217,7 @@ def broken_rule(target_probs, draft_ids, draft_probs, generator=None):
         return accept_sampled(target_probs, draft_ids, draft_probs, generator)
     p = target_probs[:n].gather(-1, draft_ids[:, None]).squeeze(-1)
     q = draft_probs.gather(-1, draft_ids[:, None]).squeeze(-1)
-    accepted = int((torch.rand(n, generator=generator) * q < p).cumprod(0).sum())
+    accepted = (torch.rand(n, generator=generator) * q < p).cumprod(0).sum()
     return accepted, sample(target_probs[accepted], generator)
 
 
@@ -367,6 +367,34 @@ def test_to_probs_applies_top_k_and_top_p():
     kept = to_probs(logits, 1.0, top_p=0.8)
     # The smallest set whose mass reaches 0.8 is the first two tokens (0.64 + 0.24).
     assert (kept[2:] == 0).all() and torch.allclose(kept[:2], full[:2] / full[:2].sum())
+
+
+@pytest.fixture(scope="module")
+def compiled_pair(four_tokens):
+    """The four-token pair of the sampling tests with the target's passes compiled (once per module)."""
+    from dspark_chat.engine.compiled import compile_target
+    from dspark_chat.engine.loading import cache_dir
+
+    target_dir, drafter_dir = four_tokens
+    eager = four_token_target(target_dir)
+    drafter = load_drafter(str(drafter_dir), eager)
+    return compile_target(eager, 5, drafter.feature_layers, cache_dir()), drafter
+
+
+@pytest.mark.slow  # compiling the four-token target takes most of a minute
+@pytest.mark.parametrize("sampling", [Sampling(1.0), Sampling(0.7, top_k=3)], ids=["t1", "t0.7-topk3"])
+@pytest.mark.parametrize("lookup", [False, True], ids=["drafter", "lookup-or-drafter"])
+def test_compiled_speculative_sampling_matches_target_distribution(sampling, lookup, compiled_pair):
+    from dspark_chat.engine.compiled import CompiledTarget
+
+    target, drafter = compiled_pair
+    assert isinstance(target, CompiledTarget)
+    if lookup:
+        drafter = LookupOrDraft(drafter, PromptLookupDrafter(block_size=4, min_match=2))
+    prefix, length, runs = [1, 3, 0, 1, 3], 3, RUNS_WITH_LOOKUP if lookup else RUNS
+    exact = exact_distribution(target, prefix, length, sampling)
+    counts = sampled_counts(target, drafter, prefix, length, sampling, runs)
+    assert chi_square_pvalue(counts, exact, runs) > 1e-3
 
 
 # --- Eagle3 (a chain drafter with its own cache) ---------------------------------------------------

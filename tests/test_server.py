@@ -25,14 +25,14 @@ SETTLE_S = 30  # bound on waiting for the metrics to show a cancellation
 
 
 class Server:
-    def __init__(self, target: Path, *options: str, api_key: str | None = None):
+    def __init__(self, target: Path, *options: str, api_key: str | None = None, env: dict | None = None):
         args = [sys.executable, "-m", "dspark_chat.engine", "serve", "--target", str(target), "--port", "0", "--dtype", "float32", "--device", "cpu", *options]
         if api_key:
             args += ["--api-key", api_key]
         self.name, self.key = str(target), api_key
         self.stderr = open(os.devnull, "w")
         # One torch thread: the tiny model gains nothing from more, and a shared 2-core machine stays responsive.
-        env = os.environ | {"OMP_NUM_THREADS": "1"}
+        env = os.environ | {"OMP_NUM_THREADS": "1"} | (env or {})
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
         line = _readline(self.proc, WAIT_S)
         self.listening = json.loads(line)
@@ -431,3 +431,19 @@ def test_max_model_len_bounds_the_prompts_and_the_cache(tiny_target_dir):
     assert engine.target.max_length == 100 and engine.target.cached_ids == []
     layers = engine.target.cache.layers
     assert layers and all(isinstance(layer, GrowingLayer) and layer.limit == 100 for layer in layers)
+
+
+def test_a_compilation_that_fails_is_reported_then_the_server_serves_eagerly(tiny_target_dir, tmp_path):
+    """--compile on a machine without a C++ compiler: compiling is a start-up phase of /health that says whether this
+    is the first start on this machine and about how long it takes; the engine then warns and serves the eager target.
+    A cache folder of its own: kernels the suite compiled before would need no compiler."""
+    s = Server(tiny_target_dir, "--compile", "on", env={"CXX": "/nonexistent/g++", "XDG_CACHE_HOME": str(tmp_path)})
+    try:
+        health = s.http.get("/health").json()
+        names = [p["name"] for p in health["phases"]]
+        assert names[:2] == ["starting: Python, torch, transformers and the server", "loading the target"]
+        assert re.fullmatch(r"compiling \(first start on this machine, about \d+ s\)", names[-1]), names
+        assert all(p["done"] for p in health["phases"]) and "compiled" not in health["engine"]
+        assert s.chat({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).status_code == 200
+    finally:
+        s.close()
