@@ -87,10 +87,19 @@ class Terminal:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+KINDS = ("dspark+lookup", "dspark", "dflash", "eagle3", "prompt-lookup", "none")
+
+
 def pair_rows(screen: str) -> list[str]:
-    """The first column of the picker's table rows (those with a download size or "built in")."""
-    return [line.split()[0] for line in screen.splitlines() if line.rstrip().endswith(("(slow)", "does not fit", "fits"))
-            and ("built in" in line or " GB " in line)]
+    """The pair column of the picker's table rows (those with a download size or "built in"): the word before
+    the kind (a target's first row starts with the target, its other rows with the pair)."""
+    rows = []
+    for line in screen.splitlines():
+        words = line.split()
+        kind = next((i for i, w in enumerate(words) if w in KINDS), None)
+        if kind and ("built in" in line or " GB " in line):
+            rows.append(words[kind - 1])
+    return rows
 
 
 def stats_lines(screen: str) -> list[str]:
