@@ -91,7 +91,8 @@ class Engine:
         plan = self.scheduler
         if mode is not None or threshold is not None:
             plan = replace(plan, mode=mode or plan.mode, threshold=plan.threshold if threshold is None else threshold)
-        if plan.mode == "auto" and self.profile is None and self.drafter is not None:
+        # A scheduler given its profile (a test's fixed one, bench's) keeps it: a cached one must not replace it.
+        if plan.mode == "auto" and self.profile is None and self.drafter is not None and not plan.sps:
             tokens = self.drafter.block_size + 1
             self.profile = cached_profile(self.target, tokens, cache_dir())
             if self.profile is None and self.wait_for_profile:
