@@ -268,3 +268,22 @@ def compiled_tiny(tiny_target):
     compiled = compile_target(tiny_target, 11, (0, 1, 2), cache_dir())
     assert isinstance(compiled, CompiledTarget)
     return compiled
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Models this small run fastest on one thread, and far faster than on two when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_rounds_match(steps, run: dict) -> None:
+    """Our rounds (after the prefill) propose and accept what a reference run recorded, and produce its output."""
+    for ours, theirs in zip(steps, run["rounds"]):
+        assert ours.draft_ids == theirs["draft_ids"], f"round {theirs['round']}"
+        assert ours.accepted == theirs["accepted"]
+    assert len(steps) >= len(run["rounds"])
+    produced = [t for s in steps for t in s.token_ids]
+    assert produced[: len(run["output_ids"]) - 1] == run["output_ids"][1:]

@@ -10,7 +10,7 @@ import torch
 
 from dspark_chat.engine.decode import decode
 from dspark_chat.engine.loading import load_drafter
-from .conftest import REFERENCE, Forcing
+from .conftest import REFERENCE, Forcing, assert_rounds_match
 
 VARIANTS = ["dspark", "dspark_gated", "dspark_rnn", "dflash"]
 
@@ -23,12 +23,7 @@ def test_proposals_match_deepspec(variant, tiny_target, reference):
         tiny_target.rewind(0)
         drafter.rewind(0)
         steps = list(decode(tiny_target, drafter, prompt, max_new_tokens=48))[1:]
-        for ours, theirs in zip(steps, run["rounds"]):
-            assert ours.draft_ids == theirs["draft_ids"], f"round {theirs['round']}"
-            assert ours.accepted == theirs["accepted"]
-        assert len(steps) >= len(run["rounds"])
-        produced = [t for s in steps for t in s.token_ids]
-        assert produced[: len(run["output_ids"]) - 1] == run["output_ids"][1:]
+        assert_rounds_match(steps, run)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

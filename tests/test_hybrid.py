@@ -28,13 +28,7 @@ REFUSED = [f for f in hybrids.FAMILIES if f not in SCANS]
 SCHEDULE = [3, 7, 0, 5, 1, 6, 2, 4]  # forced acceptances: every rollback length of a 7-draft block
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread, and far faster than on two when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_family_is_covered():

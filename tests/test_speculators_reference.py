@@ -15,7 +15,7 @@ from dspark_chat.engine.decode import decode
 from dspark_chat.engine.loading import load_drafter, load_target
 from dspark_chat.engine.sampling import Sampling
 from dspark_chat.engine.scheduler import Scheduler
-from .conftest import DATA, Forcing, SPECULATORS
+from .conftest import DATA, SPECULATORS, Forcing, assert_rounds_match
 
 EXPECTED = json.loads((SPECULATORS / "expected.json").read_text())
 VARIANTS = list(EXPECTED["variants"])
@@ -58,12 +58,7 @@ def test_proposals_match_speculators(variant, targets):
         target.rewind(0)
         drafter.rewind(0)
         steps = list(decode(target, drafter, prompt, max_new_tokens=BUDGET))[1:]
-        for ours, theirs in zip(steps, run["rounds"]):
-            assert ours.draft_ids == theirs["draft_ids"], f"round {theirs['round']}"
-            assert ours.accepted == theirs["accepted"]
-        assert len(steps) >= len(run["rounds"])
-        produced = [t for s in steps for t in s.token_ids]
-        assert produced[: len(run["output_ids"]) - 1] == run["output_ids"][1:]
+        assert_rounds_match(steps, run)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
