@@ -16,9 +16,11 @@ sizes per doubling on CUDA, where each one is a recording of its own.
 On CUDA the passes run as CUDA graphs through torch.compile(mode="reduce-overhead") rather than an
 explicit torch.cuda.CUDAGraph capture: its graph trees record a graph per shape, share one memory pool
 between them and keep the cache buffers in place (marked static), which explicit captures would have to
-reimplement for every width and length. On a CPU, inductor freezes the weights (packing them for MKL's
-small-batch products, as engine/cpu_linear.py does for the eager passes), fuses the elementwise work
-between the products and drops Python's dispatch of every operation.
+reimplement for every width and length. On a CPU, inductor fuses the elementwise work between the
+products and drops Python's dispatch of every operation, while the products themselves run the way
+engine/cpu_linear.py measured fastest (an opaque operation in the graph). Inductor's own packing of the
+weights ("freezing") is left off: it makes inductor bypass its on-disk caches, and every start would
+compile for a minute again rather than once per machine.
 
 The forward is our own, for the families whose layers it reproduces (Llama and SmolLM2, Qwen2, Qwen3);
 a test holds its logits to transformers'. Other targets stay eager, with the reason (`refusal`).
@@ -131,8 +133,8 @@ class CompiledTarget(Target):
         import torch._dynamo
         import torch._inductor.config
 
-        # Weights as constants: inductor packs them for its products, as cpu_linear.py does eagerly.
-        torch._inductor.config.freezing = True
+        # Frozen weights would bypass inductor's FX graph and AOTAutograd caches (see the module's docstring).
+        torch._inductor.config.freezing = False
         # CUDA graph trees record a graph per width and attended length, each a "recompile" to dynamo.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         mode = "reduce-overhead" if self.device.type == "cuda" else None
@@ -218,9 +220,7 @@ class CompiledTarget(Target):
 
     def _pass(self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, last_only: bool):
         """The forward over tokens at `positions`: writes their keys and values into the cache, attends to
-        the cache's positions `keys` (causally), and returns the logits and the built layers' hidden states.
-        Products go through F.linear rather than the modules, whose CPU routing (cpu_linear.py) chooses per
-        row count: the width is symbolic here, and inductor packs the frozen weights itself."""
+        the cache's positions `keys` (causally), and returns the logits and the built layers' hidden states."""
         model = self.model.model
         width = tokens.shape[0]
         x = model.embed_tokens(tokens)[None]
@@ -230,9 +230,9 @@ class CompiledTarget(Target):
         for i, layer in enumerate(model.layers):
             attention, mlp = layer.self_attn, layer.mlp
             h = layer.input_layernorm(x)
-            q = _linear(attention.q_proj, h).view(1, width, self.heads, self.head_dim)
-            k = _linear(attention.k_proj, h).view(1, width, self.kv_heads, self.head_dim)
-            v = _linear(attention.v_proj, h).view(1, width, self.kv_heads, self.head_dim)
+            q = attention.q_proj(h).view(1, width, self.heads, self.head_dim)
+            k = attention.k_proj(h).view(1, width, self.kv_heads, self.head_dim)
+            v = attention.v_proj(h).view(1, width, self.kv_heads, self.head_dim)
             if hasattr(attention, "q_norm"):  # Qwen3
                 q, k = attention.q_norm(q), attention.k_norm(k)
             q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -242,18 +242,14 @@ class CompiledTarget(Target):
             length = keys.shape[0]
             out = F.scaled_dot_product_attention(q, cached_k[:, :, :length], cached_v[:, :, :length], attn_mask=visible,
                                                  scale=attention.scaling, enable_gqa=self.heads != self.kv_heads)
-            x = x + _linear(attention.o_proj, out.transpose(1, 2).reshape(1, width, -1))
+            x = x + attention.o_proj(out.transpose(1, 2).reshape(1, width, -1))
             h = layer.post_attention_layernorm(x)
-            x = x + _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
+            x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
             if i in self.built_layers:
                 kept.append(x[0])
         x = model.norm(x[0, -1:] if last_only else x[0])
-        logits = _linear(self.model.lm_head, x)
+        logits = self.model.lm_head(x)
         return logits, torch.cat(kept, -1) if kept else x[:, :0]
-
-
-def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, module.weight, module.bias)
 
 
 def cache_folder(root: Path, device: torch.device) -> Path:

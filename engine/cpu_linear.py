@@ -21,6 +21,12 @@ packed against 22-24 the other ways. A way must beat each one before it (plain, 
 FASTER_BY to be taken, so near-ties keep the older way. The copies double the memory of the layers that
 take it, so packing is measured only when a copy of all the model's CPU weights fits in half the free
 memory.
+
+Compiled passes (engine/compiled.py) reach the same ways through one opaque operation, `dspark::routed_linear`,
+which picks the way by the row count of each call: a compiled graph is symbolic in its width, and inductor
+would otherwise lower every product to its own matrix product, MKL's slow few-row path (twice eager's time
+per pass for SmolLM2). Letting inductor pack the weights itself instead (its "freezing") makes it bypass
+its on-disk caches, so that every start would compile for a minute again.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import json
 import platform
 import time
 import types
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -50,6 +57,12 @@ STREAMED_BYTES = 1 << 28
 
 
 def _fast_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # the row count may be symbolic: choose per call, at run time
+        return torch.ops.dspark.routed_linear(x, self.weight, self.bias)
+    return _routed(self, x)
+
+
+def _routed(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
     way = self.way_for_rows.get(rows)
     if way == "packed" and not x.requires_grad:  # oneDNN's packed product has no backward
@@ -60,6 +73,27 @@ def _fast_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if self.bias is not None:
         out = out + self.bias
     return out.contiguous().view(*x.shape[:-1], out.shape[-1])
+
+
+# Routed layers by their weight's address: the opaque operation is handed the weight, not the layer. The
+# layer is held weakly and its weight compared on use, so a freed layer's address, reused by another
+# tensor, never routes that tensor's products through the old layer's packed copy.
+_ROUTED: dict[int, weakref.ref] = {}
+
+
+@torch.library.custom_op("dspark::routed_linear", mutates_args=())
+def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, the way this machine measured fastest for the weight's layer and x's row count."""
+    entry = _ROUTED.get(weight.data_ptr())
+    layer = entry() if entry is not None else None
+    if layer is None or layer.weight.data_ptr() != weight.data_ptr():
+        return F.linear(x, weight, bias)
+    return _routed(layer, x)
+
+
+@routed_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _packed(weight: torch.Tensor) -> torch.Tensor | None:
@@ -176,6 +210,7 @@ def install(model: nn.Module, choice: dict[str, dict[str, list[int]]]) -> None:
             if way_for_rows:
                 m.way_for_rows = way_for_rows
                 m.forward = types.MethodType(_fast_linear, m)
+                _ROUTED[m.weight.data_ptr()] = weakref.ref(m)
 
 
 def _available_memory() -> int:

@@ -112,6 +112,25 @@ def test_the_start_says_first_start_or_cached_with_the_time_it_took(tiny_target,
     assert said[-1] == f"first start on this machine, about {entry['first'] / entry['layers'] * 4:.0f} s"
 
 
+def test_a_later_start_reads_its_compilation_from_the_caches_on_disk(tiny_target, tmp_path, monkeypatch):
+    """What makes compiling a once-per-machine cost: a second compilation of the same model finds inductor's and
+    AOTAutograd's results on disk. Freezing the weights into the graph would bypass both caches."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))  # compile_target moves it: put it back after
+    for start in ("first", "later"):
+        torch._dynamo.reset()  # what a new process starts from: nothing compiled in memory
+        counters.clear()
+        assert isinstance(compile_target(tiny_target, 8, (0, 2), tmp_path), CompiledTarget)
+        caches = {name: count for name, count in {**counters["inductor"], **counters["aot_autograd"]}.items() if "cache" in name}
+        assert not any("bypass" in name for name in caches), caches
+        if start == "first":
+            assert caches.get("fxgraph_cache_miss") and caches.get("autograd_cache_saved"), caches
+        else:
+            assert caches.get("fxgraph_cache_hit") and caches.get("autograd_cache_hit") and "fxgraph_cache_miss" not in caches, caches
+
+
 def test_attended_lengths_come_in_few_sizes_on_cuda():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert [key_length(n, cpu) for n in (0, 1, 64, 65, 1000)] == [64, 64, 64, 128, 1024]

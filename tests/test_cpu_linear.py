@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dspark_chat.engine import cpu_linear
@@ -39,6 +40,49 @@ def test_each_way_matches_linear_and_trains():
     model(x).sum().backward()
     plain(x).sum().backward()
     torch.testing.assert_close(model[0].weight.grad, plain[0].weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_graph_takes_each_row_counts_way_at_run_time():
+    """Compiled passes are symbolic in their row count: the routed layers reach the measured ways through one opaque
+    operation that chooses per call, so one graph runs 9 rows packed and 2 rows transposed, without compiling again."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.SiLU(), nn.Linear(96, 32, bias=False))
+    plain = nn.Sequential(nn.Linear(64, 96), nn.SiLU(), nn.Linear(96, 32, bias=False))
+    plain.load_state_dict(model.state_dict())
+    cpu_linear.install(model, {"96x64:float32": {"transposed": list(range(1, 9)), "packed": list(range(9, 18))},
+                               "32x96:float32": {"packed": [3, 5]}})
+    compiled = torch.compile(model, dynamic=True, fullgraph=True)
+    with torch.inference_mode():
+        compiled(torch.randn(4, 64))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for rows in (2, 3, 5, 9, 17, 40):  # not 1: torch specialises a size of 1 (compiled.py runs it as 2)
+                x = torch.randn(rows, 64)
+                with torch.profiler.profile() as profile:
+                    out = compiled(x)
+                torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=1e-5)
+                packed = sum(event.name == "mkldnn::_linear_pointwise" for event in profile.events())
+                assert packed == (rows >= 9 and rows <= 17) + (rows in (3, 5)), rows
+
+
+def test_the_opaque_operation_routes_only_a_live_layers_own_weight():
+    """It is handed a weight and finds the layer by the weight's address: a weight the layer no longer holds, or whose
+    layer is gone, takes F.linear, never a packed copy made of other numbers."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 96)
+    cpu_linear.install(layer, {"96x64:float32": {"packed": list(range(1, 18))}})
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.ops.dspark.routed_linear(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+        old = layer.weight
+        layer.packed_weight = cpu_linear._packed(torch.zeros_like(old))  # what a stale route would multiply by
+        layer.weight = nn.Parameter(torch.randn(96, 64))
+        torch.testing.assert_close(torch.ops.dspark.routed_linear(x, old, layer.bias), F.linear(x, old, layer.bias))
+        del layer
+        torch.testing.assert_close(torch.ops.dspark.routed_linear(x, old, None), F.linear(x, old))
+        unrouted = torch.randn(32, 64)
+        torch.testing.assert_close(torch.ops.dspark.routed_linear(x, unrouted, None), F.linear(x, unrouted))
 
 
 def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
