@@ -124,8 +124,9 @@ class CompiledTarget(Target):
 
     @property
     def attention(self) -> str:
-        """Part of the SPS profile's key: compiled passes cost otherwise than eager ones."""
-        return "compiled"
+        """Part of the SPS profile's key: compiled passes cost otherwise than eager ones, and than the compiled
+        passes of versions that froze the weights into the graph, whose cached profiles are not read."""
+        return "compiled, routed products"
 
     def compile(self) -> None:
         """Compile, and run a pass of each graph's width once (the slow part of a first start; inductor keeps

@@ -81,7 +81,6 @@ def _routed(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 _ROUTED: dict[int, weakref.ref] = {}
 
 
-@torch.library.custom_op("dspark::routed_linear", mutates_args=())
 def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear, the way this machine measured fastest for the weight's layer and x's row count."""
     entry = _ROUTED.get(weight.data_ptr())
@@ -91,7 +90,14 @@ def routed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _routed(layer, x)
 
 
-@routed_linear.register_fake
+# Defined through torch.library's plain registration rather than its custom_op decorator, whose extra layers cost
+# 3 us a call (8 against 5): a compiled pass makes one call per product, 211 of them for SmolLM2.
+_LIBRARY = torch.library.Library("dspark", "DEF")
+_LIBRARY.define("routed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_LIBRARY.impl("routed_linear", routed_linear, "CPU")
+
+
+@torch.library.register_fake("dspark::routed_linear", lib=_LIBRARY)
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
