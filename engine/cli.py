@@ -11,8 +11,8 @@ import sys
 from .scheduler import MODES
 
 COMPILE_HELP = ("run the target's passes compiled, with a cache made for the whole context (CUDA graphs on a GPU); "
-                "every start compiles (about a minute for SmolLM2 on 2 CPU cores; later starts reuse inductor's kernels "
-                "from the user cache, a little faster). "
+                "the first start on a machine compiles (about a minute for SmolLM2 on 2 CPU cores), later starts read "
+                "the compiled graph from the user cache (about 8 s). "
                 "auto (the default): on for CUDA, off on a CPU; a model it cannot compile runs eagerly")
 FLOAT_DRAFTER_HELP = ("keep a drafter's weights in float on an x86 CPU; by default they run in int8 there, "
                       "which halves a draft's cost and changes no output")

@@ -46,8 +46,8 @@ from .target import Target, TokenLog, device_ids
 FAMILIES = ("llama", "qwen2", "qwen3")  # decoder layers: norm, attention (q/k norm for Qwen3), norm, gated MLP
 CPU_KEY_STEP = 64  # on a CPU attention reads the cache up to the next multiple of this
 # Seconds per layer of a first compilation where this machine has compiled nothing yet (CPU, CUDA):
-# SmolLM2's 30 layers took 67-72 s on the 2-core CPU (CUDA: a guess, untried).
-FIRST_COMPILE_GUESS = (2.4, 1.0)
+# SmolLM2's 30 layers took 62 s on the 2-core CPU (CUDA: a guess, untried).
+FIRST_COMPILE_GUESS = (2.1, 1.0)
 # Where `--compile auto` compiles. CUDA: graphs remove the launch overhead that dominates a pass there
 # (to confirm with bench/gpu_check.py). The CPU only where the bench measured that it pays.
 COMPILE_BY_DEFAULT = ("cuda",)
