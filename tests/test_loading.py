@@ -173,3 +173,16 @@ def test_a_changed_gguf_file_replaces_its_older_conversion(tmp_path, monkeypatch
     assert AutoTokenizer.from_pretrained(second)("hello").input_ids == tokenizer("hello").input_ids
     target = load_target(str(gguf), "float32", "cpu")  # the converted copy loads as a target
     assert target.model.config.model_type == "llama" and target.vocab_size == len(tokenizer.get_vocab())
+
+
+def test_no_folder_of_the_checkout_shadows_an_installed_package():
+    """The package's folders sit at the top of the checkout, which is on sys.path when the tests or `python -m` run
+    there: a folder named like an installed package would be imported in its place (transformers 5.25 imports the
+    `kernels` package, and a top-level kernels/ broke every import of transformers' models)."""
+    import importlib.metadata
+    import tomllib
+
+    root = Path(__file__).parent.parent
+    folders = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    installed = importlib.metadata.packages_distributions()
+    assert not [folder for folder in folders if folder in installed and "dspark-chat" not in installed[folder]]
