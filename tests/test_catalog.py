@@ -336,7 +336,7 @@ def test_unknown_pair_names_suggest_close_ones():
 def test_an_installed_wheel_ships_and_finds_models_toml(tmp_path):
     """Build the wheel from a copy of the sources, unpack it, and import the catalog from there."""
     src = tmp_path / "src"
-    for name in ("app", "engine", "kernels", "models"):
+    for name in ("app", "engine", "decode_kernels", "models"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "models.toml", "README.md"):
         if (REPO / name).exists():
