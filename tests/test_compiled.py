@@ -20,7 +20,7 @@ from dspark_chat.engine.scheduler import Scheduler
 from dspark_chat.engine.target import Target
 
 from .conftest import DATA, REFERENCE, SPECULATORS, Forcing, make_tiny_eagle3
-from .test_lossless import generated, prompts
+from .test_lossless import few_prompts, generated  # noqa: F401 (few_prompts: a fixture)
 
 
 def tiny_llama(tokenizer) -> Target:
@@ -137,12 +137,6 @@ def test_attended_lengths_come_in_few_sizes_on_cuda():
     sizes = {key_length(n, cuda) for n in range(1, 40961)}
     assert min(sizes) == 256 and max(sizes) >= 40960 and len(sizes) <= 2 * 8 + 2
     assert all(key_length(n, cuda) >= n and key_length(n, cuda) <= max(256, 1.5 * n) for n in range(1, 40961, 97))
-
-
-@pytest.fixture(scope="module")
-def few_prompts(reference):
-    """Three of prompts(): a short and a long one, and one that repeats itself (for prompt lookup)."""
-    return [p for i, p in enumerate(prompts(reference)) if i in (0, 3, 5)]
 
 
 @pytest.fixture(scope="module")

@@ -405,19 +405,19 @@ def eagle3_profile(eagle3_target):
 
 
 @pytest.fixture(scope="module")
-def eagle3_prompts(reference):
+def few_prompts(reference):
     """Three of prompts(): a short and a long one, and one that repeats itself (for prompt lookup)."""
     return [p for i, p in enumerate(prompts(reference)) if i in (0, 3, 5)]
 
 
 @pytest.fixture(scope="module")
-def eagle3_baselines(eagle3_target, eagle3_prompts):
-    return [generated(eagle3_target, None, prompt) for prompt in eagle3_prompts]
+def eagle3_baselines(eagle3_target, few_prompts):
+    return [generated(eagle3_target, None, prompt) for prompt in few_prompts]
 
 
 @pytest.mark.parametrize("family,variant,auto", [("qwen3", "eagle3", True), ("speculators", "speculators_llama", False),
                                                  ("speculators", "speculators_qwen3", False)])
-def test_greedy_identity_with_an_eagle3_drafter(family, variant, auto, eagle3_target, eagle3_prompts, eagle3_baselines,
+def test_greedy_identity_with_an_eagle3_drafter(family, variant, auto, eagle3_target, few_prompts, eagle3_baselines,
                                                 eagle3_profile):
     """In int8 as the engine runs it beside a float32 target on a CPU. Forced rounds accept 0..7 drafts
     and exercise every rollback of its cache; a pruned vocabulary (speculators_llama) drafts among its ids.
@@ -426,7 +426,7 @@ def test_greedy_identity_with_an_eagle3_drafter(family, variant, auto, eagle3_ta
     assert drafter.int8
     for mode in ("off", "auto") if auto else ("off",):
         scheduler = Scheduler(mode=mode, sps=eagle3_profile)
-        for prompt, baseline in zip(eagle3_prompts, eagle3_baselines):
+        for prompt, baseline in zip(few_prompts, eagle3_baselines):
             if mode == "auto":
                 assert generated(eagle3_target, drafter, prompt, scheduler) == baseline
             forcing = Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 7, 0, 5, 1, 6, 2, 4])
@@ -435,12 +435,12 @@ def test_greedy_identity_with_an_eagle3_drafter(family, variant, auto, eagle3_ta
                 assert {t for block in forcing.own for t in block} <= set(drafter.draft_vocab.tolist())
 
 
-def test_greedy_identity_when_prompt_lookup_and_an_eagle3_drafter_take_turns(eagle3_target, eagle3_prompts,
+def test_greedy_identity_when_prompt_lookup_and_an_eagle3_drafter_take_turns(eagle3_target, few_prompts,
                                                                             eagle3_baselines):
     """Lookup rounds leave the drafter several rounds of hidden states to fold in at once."""
     drafter = load_drafter(str(EAGLE3 / "qwen3" / "eagle3"), eagle3_target)
     used = []
-    for prompt, baseline in zip(eagle3_prompts, eagle3_baselines):
+    for prompt, baseline in zip(few_prompts, eagle3_baselines):
         forced = LookupOrDraft(Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 0, 2]), PromptLookupDrafter())
         sources = recording_sources(forced)
         assert generated(eagle3_target, forced, prompt) == baseline
