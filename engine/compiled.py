@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from . import cpu_linear
 from .scheduler import device_identity
 from .target import Target, TokenLog, device_ids
 
@@ -117,6 +118,7 @@ class CompiledTarget(Target):
         self.buffers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self.compiled = None
         self.warmed = False  # compile() ran its passes: from then on a failing pass falls back to eager
+        self.packed = False  # whether the graph's products run over packed copies of every weight (CPU)
         self.hybrid = None  # refusal() keeps targets with recurrent states eager: every compiled cache rolls back exactly
         super().__init__(model, tokenizer, name, cpu_linear)
         if max_length:
@@ -126,7 +128,7 @@ class CompiledTarget(Target):
     def attention(self) -> str:
         """Part of the SPS profile's key: compiled passes cost otherwise than eager ones, and than the compiled
         passes of versions that froze the weights into the graph, whose cached profiles are not read."""
-        return "compiled, routed products"
+        return f"compiled, {'packed' if self.packed else 'routed'} products"
 
     def compile(self) -> None:
         """Compile, and run a pass of each graph's width once (the slow part of a first start; inductor keeps
@@ -139,6 +141,7 @@ class CompiledTarget(Target):
         # CUDA graph trees record a graph per width and attended length, each a "recompile" to dynamo.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.packed = self.device.type == "cpu" and cpu_linear.pack_for_graphs(self.model)
         self.compiled = torch.compile(self._pass, mode=mode, fullgraph=True, dynamic=False)
         for width in (2, self.max_width):
             self.rewind(0)

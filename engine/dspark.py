@@ -26,6 +26,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwe
 
 from dspark_chat.kernels.markov import markov_bias, markov_draft
 
+from . import cpu_linear
 from .sampling import Proposal, Sampling
 
 DRAFT_VOCAB_FILE = "draft_vocab.json"  # optional, beside config.json: the token ids a drafter drafts among
@@ -391,6 +392,8 @@ class DSparkDrafter(nn.Module):
             raise ValueError("the compiled block drafts from every slot with full attention; this drafter's 1+N block "
                              "or sliding-window layers (speculators' layout) run eagerly")
         mode = "reduce-overhead" if self.device.type == "cuda" else None
+        if self.device.type == "cpu":
+            cpu_linear.pack_for_graphs(self)
         # The Markov head's rows for the draft vocabulary, gathered once: the graph reads them as they are.
         self._markov = self.markov_head.weights(self.draft_vocab) if self.markov_head is not None else None
         self.compiled = torch.compile(self._greedy_block, mode=mode, fullgraph=True, dynamic=False)

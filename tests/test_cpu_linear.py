@@ -42,28 +42,57 @@ def test_each_way_matches_linear_and_trains():
     torch.testing.assert_close(model[0].weight.grad, plain[0].weight.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_a_compiled_graph_takes_each_row_counts_way_at_run_time():
-    """Compiled passes are symbolic in their row count: the routed layers reach the measured ways through one opaque
-    operation that chooses per call, so one graph runs 9 rows packed and 2 rows transposed, without compiling again."""
+def _products(model, x) -> tuple[int, int]:
+    """How many products a call of the model ran packed, and how many transposed (torch.mm, then the bias added)."""
+    with torch.profiler.profile() as profile:
+        model(x)
+    names = [event.name for event in profile.events()]
+    return names.count("mkldnn::_linear_pointwise"), names.count("aten::mm")
+
+
+def test_a_compiled_graph_runs_packed_copies_at_every_row_count_and_measured_ways_elsewhere():
+    """Compiled passes are symbolic in their row count, and their products go through one opaque operation that
+    chooses per call: a layer with a packed copy runs it at every row count (faster in a compiled pass than the
+    measured ways), one without takes the way measured for the call's row count; one graph serves them all without
+    compiling again. pack_for_graphs gives every layer a copy, and leaves the eager products their measured ways."""
     import torch._dynamo
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 96), nn.SiLU(), nn.Linear(96, 32, bias=False))
-    plain = nn.Sequential(nn.Linear(64, 96), nn.SiLU(), nn.Linear(96, 32, bias=False))
+    model = nn.Sequential(nn.Linear(64, 96), nn.SiLU(), nn.Linear(96, 32))
+    plain = nn.Sequential(nn.Linear(64, 96), nn.SiLU(), nn.Linear(96, 32))
     plain.load_state_dict(model.state_dict())
     cpu_linear.install(model, {"96x64:float32": {"transposed": list(range(1, 9)), "packed": list(range(9, 18))},
-                               "32x96:float32": {"packed": [3, 5]}})
+                               "32x96:float32": {"transposed": [2, 3]}})
+    assert not hasattr(model[2], "packed_weight")
     compiled = torch.compile(model, dynamic=True, fullgraph=True)
     with torch.inference_mode():
         compiled(torch.randn(4, 64))
         with torch._dynamo.config.patch(error_on_recompile=True):
             for rows in (2, 3, 5, 9, 17, 40):  # not 1: torch specialises a size of 1 (compiled.py runs it as 2)
                 x = torch.randn(rows, 64)
-                with torch.profiler.profile() as profile:
-                    out = compiled(x)
-                torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=1e-5)
-                packed = sum(event.name == "mkldnn::_linear_pointwise" for event in profile.events())
-                assert packed == (rows >= 9 and rows <= 17) + (rows in (3, 5)), rows
+                torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-5)
+                assert _products(compiled, x) == (1, rows in (2, 3)), rows
+            assert cpu_linear.pack_for_graphs(model)
+            assert model[2].packed_weight.layout == torch._mkldnn
+            for rows in (2, 3, 9):
+                x = torch.randn(rows, 64)
+                torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-5)
+                assert _products(compiled, x) == (2, 0), rows
+                assert _products(model, x) == (rows >= 9, (rows < 9) + (rows in (2, 3))), rows  # eagerly: as measured
+
+
+def test_packing_for_graphs_needs_room_for_the_copies(monkeypatch):
+    model = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 32))
+    monkeypatch.setattr(cpu_linear, "_available_memory", lambda: 2 * (64 * 96 + 96 * 32) * 4)  # copies take half
+    assert not cpu_linear.pack_for_graphs(model)
+    assert not any(hasattr(layer, "packed_weight") for layer in model)
+    monkeypatch.setattr(cpu_linear, "_available_memory", lambda: 2 * (64 * 96 + 96 * 32) * 4 + 8)
+    assert cpu_linear.pack_for_graphs(model)
+    with torch.inference_mode():
+        x = torch.randn(3, 64)
+        expected = F.linear(F.linear(x, model[0].weight, model[0].bias), model[1].weight, model[1].bias)
+        torch.testing.assert_close(model(x), expected)
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_the_opaque_operation_routes_only_a_live_layers_own_weight():
