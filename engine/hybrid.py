@@ -47,6 +47,12 @@ class HybridStates:
 
     def __init__(self, model, cache):
         self.layers = stateful_layers(cache)
+        for layer in self.layers:
+            # transformers 5.25 runs the last `recurrent_states_to_keep` positions of a pass one at a time to keep
+            # their states, and its scans fail on the None that past recording leaves there; the per-position scans
+            # here keep the states, so none.
+            if hasattr(layer, "recurrent_states_to_keep"):
+                layer.recurrent_states_to_keep = 0
         self.model_type = model.config.get_text_config().model_type
         # Whether tests/test_hybrid.py checks this family: then its states roll back exactly and its multi-token
         # passes continue from a cached state. Others decode plainly, and re-run the context for a multi-token pass.
