@@ -47,6 +47,12 @@ class HybridStates:
 
     def __init__(self, model, cache):
         self.layers = stateful_layers(cache)
+        for layer in self.layers:
+            # transformers 5.25 runs the last `recurrent_states_to_keep` positions of a pass one at a time to keep
+            # their states, and its scans fail on the None that past recording leaves there; the per-position scans
+            # here keep the states, so none.
+            if hasattr(layer, "recurrent_states_to_keep"):
+                layer.recurrent_states_to_keep = 0
         self.model_type = model.config.get_text_config().model_type
         # Whether tests/test_hybrid.py checks this family: then its states roll back exactly and its multi-token
         # passes continue from a cached state. Others decode plainly, and re-run the context for a multi-token pass.
@@ -86,14 +92,16 @@ class HybridStates:
             setattr(self.module, self.scan_name, self.chunked)
 
     def passed(self, tokens: int) -> None:
-        """After a pass over `tokens` positions: keep the convolution inputs, and cut the live states back to the
-        width the next pass reads (past recording would otherwise grow them with the whole context)."""
+        """After a pass over `tokens` positions: keep the convolution inputs, and cut the live states back to what
+        the next pass reads (past recording would otherwise grow them with the whole context, and from transformers
+        5.25 keep a copy of the recurrent state before every pass)."""
         self.pass_length = self.kept = tokens
         self.histories = []
         for layer in self.layers:
             self.histories.append({i: s for i, s in layer.conv_states.items() if s is not None})
-            for i, history in self.histories[-1].items():
-                layer.conv_states[i] = history[..., -layer.conv_kernel_size[i]:]
+            # The states' crop alone: a layer with a sliding window beside its states ("hybrid_sliding") would
+            # cut the window's keys back too, which a rollback of this pass still reads.
+            LinearAttentionCacheLayerMixin.crop(layer, 0)
 
     def holds(self, drop: int) -> bool:
         """Whether the states after dropping the last `drop` positions are at hand."""
@@ -115,6 +123,8 @@ class HybridStates:
             for state in layer.recurrent_states.values():
                 if state is not None:
                     state.copy_(self.steps[id(state)][self.kept])
+            if hasattr(layer, "cumulative_length_linear"):  # transformers 5.25: cache.get_seq_length() reads layer 0's
+                layer.cumulative_length_linear.sub_(drop)
 
     def save_checkpoint(self, length: int) -> None:
         if not self.verified:
@@ -138,6 +148,8 @@ class HybridStates:
                 layer.conv_states[i] = saved.clone()
             for i, saved in recurrent.items():
                 layer.recurrent_states[i].copy_(saved)
+            if hasattr(layer, "cumulative_length_linear"):
+                layer.cumulative_length_linear.fill_(self.checkpoint.length)
         self.pass_length = self.kept = 0
         self.steps = {}
 

@@ -191,11 +191,15 @@ class Target:
         return self.log.read()
 
     def _crop_keys_and_values(self, drop: int) -> None:
-        """Crop every layer's keys and values. Layers with states only are left to HybridStates; those with keys
-        and values beside their states (Falcon-H1's) crop both, and HybridStates then sets the states."""
+        """Crop every layer's keys and values; the states are HybridStates'. A layer with keys and values beside
+        its states (Falcon-H1's) is cropped by its attention class alone, the one after the states' class in its
+        MRO: from transformers 5.25 its own crop also puts back a recurrent state of its own recording, a new tensor
+        from a history that holds only the state before the pass here (`recurrent_states_to_keep` is 0)."""
         for layer in self.cache.layers:
-            if isinstance(layer, CacheLayerMixin) or not isinstance(layer, LinearAttentionCacheLayerMixin):
+            if not isinstance(layer, LinearAttentionCacheLayerMixin):
                 layer.crop(-drop)
+            elif isinstance(layer, CacheLayerMixin):
+                super(LinearAttentionCacheLayerMixin, layer).crop(-drop)
 
     def _sliding_layers_reach_back(self, drop: int) -> bool:
         """Whether every sliding-window layer holds the window that ends `drop` positions before the end."""

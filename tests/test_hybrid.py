@@ -114,6 +114,14 @@ def test_a_rollback_puts_every_layer_where_the_kept_tokens_alone_lead(family, hy
         for token in drafts[: keeps[-1]] + [99]:
             logits, _ = plain.forward([token])
         assert torch.allclose(target.forward([99])[0], logits, atol=1e-4)
+        assert_the_cache_follows(target)
+
+
+def assert_the_cache_follows(target):
+    """The cache's own count of positions is the tokens kept (from transformers 5.25 layer 0's, a stateful layer's
+    here), and past recording holds no recurrent states beyond the live ones (5.25 adds one before every pass)."""
+    assert target.cache.get_seq_length() == target.log.length
+    assert not any(h for layer in target.hybrid.layers for h in getattr(layer, "recurrent_states_history", {}).values())
 
 
 @pytest.mark.parametrize("family", ["qwen3_5_text", "jamba"])
@@ -191,6 +199,7 @@ def test_chat_turns_reuse_the_cache_and_match_fresh_plain_decoding(family, hybri
         context = context + text
         drafter.prompt_len, drafter.greedy = len(context), want + [0] * 8
         assert generated(target, drafter, context, 16, fresh=False) == want
+        assert_the_cache_follows(target)
         context = context + want
     assert restored == [1]  # the edit of the last answer went back to the checkpoint, the other rebuilt
 
