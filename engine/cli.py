@@ -12,7 +12,7 @@ from .scheduler import MODES
 
 COMPILE_HELP = ("run the target's passes compiled, with a cache made for the whole context (CUDA graphs on a GPU); "
                 "the first start on a machine compiles (about a minute for SmolLM2 on 2 CPU cores), later starts read "
-                "the compiled graph from the user cache (about 8 s). "
+                "the compiled graphs from the user cache (about 8-13 s). "
                 "auto (the default): on for CUDA, off on a CPU; a model it cannot compile runs eagerly")
 FLOAT_DRAFTER_HELP = ("keep a drafter's weights in float on an x86 CPU; by default they run in int8 there, "
                       "which halves a draft's cost and changes no output")

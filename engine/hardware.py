@@ -117,9 +117,10 @@ def estimate(pair: Pair, dtype: str = "bfloat16", quant: str | None = None, cont
         # embed_tokens and lm_head in a DeepSpec drafter are frozen copies of the target's: the loader shares them
         own = max(pair.drafter_params - 2 * t.vocab_size * t.hidden_size, 0)
         drafter = own * b + t.kv_bytes_per_token(b, pair.drafter_layers) * context
-    # A hybrid keeps its live states, a checkpoint after each prefill and, through a verify pass, each position's
-    # states (engine/hybrid.py); only its attention layers keep keys and values (kv_bytes_per_token).
-    copies = 2 + (pair.block_size + 1 if pair.kind != "none" else 0)
+    # A hybrid keeps its live states, a checkpoint after each prefill, through a pass the copy transformers' past
+    # recording keeps from 5.25 on (counted on older ones too: the plan holds for either) and, through a verify pass,
+    # each position's states (engine/hybrid.py); only its attention layers keep keys and values (kv_bytes_per_token).
+    copies = 3 + (pair.block_size + 1 if pair.kind != "none" else 0)
     return Need(int(weights), int(t.kv_bytes_per_token(b) * context), int(drafter), t.state_bytes * copies)
 
 

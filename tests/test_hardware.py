@@ -24,7 +24,7 @@ MACHINES = {
 }
 # (placement, dtype or quantisation) per machine and pair; None: refused. Every row was checked by hand
 # against the sizes (e.g. Qwen3-14B in bf16 is 27.5 GiB of weights: two 24 GB cards, or 8-bit on one; Qwen3.6-27B
-# in 4-bit is 17.5 GiB of weights, 24.2 GiB with its drafter, 18 copies of its 148 MiB of recurrent state and its
+# in 4-bit is 17.5 GiB of weights, 24.2 GiB with its drafter, 19 copies of its 148 MiB of recurrent state and its
 # KV cache: more than one 24 GB card holds).
 SMALL = ("gpu", "bfloat16")
 HYBRIDS = {"lfm25-1-2b-lookup": SMALL, "qwen36-27b-dspark": None, "qwen36-35b-a3b-dspark": None}
@@ -141,12 +141,12 @@ def test_a_hybrid_counts_keys_and_values_of_its_attention_layers_and_a_fixed_rec
     pair = catalog.pairs["qwen36-27b-dspark"]
     need = estimate(pair, "bfloat16", None, 8192)
     assert need.kv == 2 * 16 * 4 * 256 * 2 * 8192  # 16 of its 64 layers keep keys and values
-    # live, after the prefill, and each position of a 15-draft verify pass
-    assert need.state == 154_927_104 * (2 + 16) == estimate(pair, "bfloat16", None, 65536).state
+    # live, after the prefill, past recording's copy through a pass, and each position of a 15-draft verify pass
+    assert need.state == 154_927_104 * (3 + 16) == estimate(pair, "bfloat16", None, 65536).state
     lookup = catalog.pairs["lfm25-1-2b-lookup"]
-    assert estimate(lookup).state == 122_880 * (2 + 11)
-    # plain decoding runs no verify pass: the live states and the checkpoint only
-    assert estimate(dataclasses.replace(lookup, kind="none")).state == 122_880 * 2
+    assert estimate(lookup).state == 122_880 * (3 + 11)
+    # plain decoding runs no verify pass: the live states, the checkpoint and past recording's copy only
+    assert estimate(dataclasses.replace(lookup, kind="none")).state == 122_880 * 3
     assert "recurrent state" in plan_pair(pair, MACHINES["dgx-spark"]).explain()
     assert "recurrent state" not in plan_pair(catalog.pairs["qwen3-8b-dspark"], MACHINES["dgx-spark"]).explain()
 
