@@ -22,13 +22,11 @@ FASTER_BY to be taken, so near-ties keep the older way. The copies double the me
 take it, so packing is measured only when a copy of all the model's CPU weights fits in half the free
 memory.
 
-Compiled passes (engine/compiled.py) call every product through one opaque operation, `dspark::routed_linear`:
-inductor would otherwise lower it to its own matrix product, MKL's slow few-row path (twice eager's time per
-pass for SmolLM2). Where the model's weights have packed copies (pack_for_graphs, when they fit) it runs the
-packed product at every row count, which in a compiled pass beat each layer's measured way; otherwise the way
-measured for the call's row count, chosen per call since the graph is symbolic in its width. Letting inductor
-pack the weights itself instead (its "freezing") makes it bypass its on-disk caches, so that every start would
-compile for a minute again.
+Compiled passes (engine/compiled.py) reach the same ways through one opaque operation, `dspark::routed_linear`,
+which picks the way by the row count of each call: a compiled graph is symbolic in its width, and inductor
+would otherwise lower every product to its own matrix product, MKL's slow few-row path (twice eager's time
+per pass for SmolLM2). Letting inductor pack the weights itself instead (its "freezing") makes it bypass
+its on-disk caches, so that every start would compile for a minute again.
 """
 
 from __future__ import annotations
@@ -106,44 +104,6 @@ _LIBRARY.impl("routed_linear", routed_linear, "CPU")
 @torch.library.register_fake("dspark::routed_linear", lib=_LIBRARY)
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-# int8 layers (fbgemm's dynamic quantisation: a drafter's on an x86 CPU) hold their weights in a TorchScript object,
-# which torch.compile does not trace: a compiled graph calls each through one opaque operation, handed a one-element
-# tag tensor of the layer's to find it by. A tensor, not a number: a graph input, where a number would be a constant
-# that changes in every process and so miss inductor's on-disk cache at every start.
-_INT8: dict[int, weakref.ref] = {}
-
-
-def _int8_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return torch.ops.dspark.int8_linear(x, self.graph_tag, self.out_features)
-    return type(self).forward(self, x)
-
-
-def int8_linear(x: torch.Tensor, tag: torch.Tensor, out_features: int) -> torch.Tensor:
-    layer = _INT8[tag.data_ptr()]()
-    return type(layer).forward(layer, x)
-
-
-_LIBRARY.define("int8_linear(Tensor x, Tensor tag, int out_features) -> Tensor")
-_LIBRARY.impl("int8_linear", int8_linear, "CPU")
-
-
-@torch.library.register_fake("dspark::int8_linear", lib=_LIBRARY)
-def _(x: torch.Tensor, tag: torch.Tensor, out_features: int) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
-def route_int8_for_graphs(model: nn.Module) -> None:
-    """Let compiled graphs call the model's int8 layers (see _INT8); eager calls run them as before."""
-    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
-
-    for m in model.modules():
-        if isinstance(m, Int8Linear) and "graph_tag" not in m._buffers:
-            m.register_buffer("graph_tag", torch.zeros(1), persistent=False)
-            m.forward = types.MethodType(_int8_forward, m)
-            _INT8[m.graph_tag.data_ptr()] = weakref.ref(m)
 
 
 def _packed(weight: torch.Tensor) -> torch.Tensor | None:

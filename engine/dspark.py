@@ -385,14 +385,15 @@ class DSparkDrafter(nn.Module):
     def compile(self, positions: int) -> None:
         """Compile the greedy block (layers, LM head, Markov chain, confidence) into one graph, a CUDA graph on
         CUDA, with room for `positions` of context, and draft one block with it. Raises what compiling raises;
-        int8 products run as they do eagerly, called from the graph (cpu_linear.route_int8_for_graphs)."""
+        an int8 drafter is refused: torch.compile does not trace its quantised products."""
+        if self.int8:
+            raise ValueError("its int8 products are not traced by torch.compile; it runs eagerly, in int8")
         if self.first_slot or any(layer.self_attn.window is not None for layer in self.layers):
             raise ValueError("the compiled block drafts from every slot with full attention; this drafter's 1+N block "
                              "or sliding-window layers (speculators' layout) run eagerly")
         mode = "reduce-overhead" if self.device.type == "cuda" else None
         if self.device.type == "cpu":
             cpu_linear.pack_for_graphs(self)
-            cpu_linear.route_int8_for_graphs(self)
         # The Markov head's rows for the draft vocabulary, gathered once: the graph reads them as they are.
         self._markov = self.markov_head.weights(self.draft_vocab) if self.markov_head is not None else None
         self.compiled = torch.compile(self._greedy_block, mode=mode, fullgraph=True, dynamic=False)

@@ -205,27 +205,23 @@ def test_one_graph_serves_every_width_position_and_attended_length(compiled_tiny
     assert at > 64 and compiled_tiny.compiled is not None
 
 
-@pytest.mark.parametrize("variant,int8", [("dspark", False), ("dspark", True), pytest.param("dflash", False, marks=SLOW),
-                                          pytest.param("dflash", True, marks=SLOW)])
-def test_a_compiled_drafter_drafts_losslessly_without_compiling_again(variant, int8, compiled_tiny, few_prompts,
-                                                                     compiled_baselines):
-    """Float or int8 (its products called from the graph as they run eagerly), a compiled block drafts losslessly."""
+@pytest.mark.parametrize("variant", ["dspark", pytest.param("dflash", marks=SLOW)])
+def test_a_compiled_float_drafter_drafts_losslessly_without_compiling_again(variant, compiled_tiny, few_prompts, compiled_baselines):
     import torch._dynamo
 
     from dspark_chat.engine.compiled import compile_drafter
 
-    drafter = load_drafter(str(REFERENCE / variant), compiled_tiny, int8=int8)
-    assert drafter.int8 == int8
+    drafter = load_drafter(str(REFERENCE / variant), compiled_tiny, int8=False)
     compile_drafter(drafter, compiled_tiny.max_length)
     assert drafter.compiled is not None
     with torch._dynamo.config.patch(error_on_recompile=True):
         for prompt, baseline in zip(few_prompts, compiled_baselines):
-            with torch.profiler.profile() as profile:
-                assert generated(compiled_tiny, drafter, prompt, Scheduler(mode="off")) == baseline
-            int8_products = sum(event.name == "dspark::int8_linear" for event in profile.events())
-            assert (int8_products > 0) == int8
+            assert generated(compiled_tiny, drafter, prompt, Scheduler(mode="off")) == baseline
             forcing = Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 7, 0, 5, 1, 6, 2, 4])
             assert generated(compiled_tiny, forcing, prompt) == baseline
+    int8 = load_drafter(str(REFERENCE / variant), compiled_tiny)
+    compile_drafter(int8, compiled_tiny.max_length)  # refused, with a note: it stays eager
+    assert int8.compiled is None
 
 
 def test_an_eagle3_drafter_beside_the_compiled_target_drafts_eagerly_and_losslessly(compiled_tiny, tiny_target_dir, few_prompts,

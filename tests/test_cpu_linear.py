@@ -95,34 +95,6 @@ def test_packing_for_graphs_needs_room_for_the_copies(monkeypatch):
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_compiled_graph_calls_int8_layers_as_they_run_eagerly(tmp_path, monkeypatch):
-    """fbgemm's int8 layers (the drafter's on an x86 CPU) keep their weights where torch.compile cannot trace them: a
-    compiled graph calls each through an opaque operation, with the same numbers. The layer is found at run time: the
-    graph a second model of other weights reads from inductor's on-disk cache multiplies by that model's weights."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    torch.manual_seed(0)
-    for model_number in range(2):
-        torch._dynamo.reset()  # as a new process: nothing compiled in memory
-        counters.clear()
-        model = quantize_dynamic(nn.Sequential(nn.Linear(64, 96), nn.SiLU(), nn.Linear(96, 32)),
-                                 {nn.Linear: per_channel_dynamic_qconfig})
-        cpu_linear.route_int8_for_graphs(model)
-        compiled = torch.compile(model, dynamic=True, fullgraph=True)
-        with torch.inference_mode():
-            for rows in (2, 5, 9):
-                x = torch.randn(rows, 64)
-                with torch.profiler.profile() as profile:
-                    out = compiled(x)
-                torch.testing.assert_close(out, model(x), rtol=1e-6, atol=1e-6)
-                names = [event.name for event in profile.events()]
-                assert "dspark::int8_linear" in names and names.count("quantized::linear_dynamic") == 2
-        assert counters["inductor"]["fxgraph_cache_hit" if model_number else "fxgraph_cache_miss"], counters["inductor"]
-
-
 def test_the_opaque_operation_routes_only_a_live_layers_own_weight():
     """It is handed a weight and finds the layer by the weight's address: a weight the layer no longer holds, or whose
     layer is gone, takes F.linear, never a packed copy made of other numbers."""
