@@ -17,10 +17,10 @@ On CUDA the passes run as CUDA graphs through torch.compile(mode="reduce-overhea
 explicit torch.cuda.CUDAGraph capture: its graph trees record a graph per shape, share one memory pool
 between them and keep the cache buffers in place (marked static), which explicit captures would have to
 reimplement for every width and length. On a CPU, inductor fuses the elementwise work between the
-products and drops Python's dispatch of every operation, while the products themselves run the way
-engine/cpu_linear.py measured fastest (an opaque operation in the graph). Inductor's own packing of the
-weights ("freezing") is left off: it makes inductor bypass its on-disk caches, and every start would
-compile for a minute again rather than once per machine.
+products and drops Python's dispatch of every operation, while the products themselves run over packed
+copies of the weights that engine/cpu_linear.py makes and calls (an opaque operation in the graph).
+Inductor's own packing of the weights ("freezing") is left off: it makes inductor bypass its on-disk
+caches, and every start would compile for a minute again rather than once per machine.
 
 The forward is our own, for the families whose layers it reproduces (Llama and SmolLM2, Qwen2, Qwen3);
 a test holds its logits to transformers'. Other targets stay eager, with the reason (`refusal`).

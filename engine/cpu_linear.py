@@ -22,11 +22,13 @@ FASTER_BY to be taken, so near-ties keep the older way. The copies double the me
 take it, so packing is measured only when a copy of all the model's CPU weights fits in half the free
 memory.
 
-Compiled passes (engine/compiled.py) reach the same ways through one opaque operation, `dspark::routed_linear`,
-which picks the way by the row count of each call: a compiled graph is symbolic in its width, and inductor
-would otherwise lower every product to its own matrix product, MKL's slow few-row path (twice eager's time
-per pass for SmolLM2). Letting inductor pack the weights itself instead (its "freezing") makes it bypass
-its on-disk caches, so that every start would compile for a minute again.
+Compiled passes (engine/compiled.py) call every product through one opaque operation, `dspark::routed_linear`:
+inductor would otherwise lower it to its own matrix product, MKL's slow few-row path (twice eager's time per
+pass for SmolLM2). Where the model's weights have packed copies (pack_for_graphs, when they fit) it runs the
+packed product at every row count, which in a compiled pass beat each layer's measured way; otherwise the way
+measured for the call's row count, chosen per call since the graph is symbolic in its width. Letting inductor
+pack the weights itself instead (its "freezing") makes it bypass its on-disk caches, so that every start would
+compile for a minute again.
 """
 
 from __future__ import annotations
