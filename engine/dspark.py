@@ -67,11 +67,17 @@ class DraftAttention(nn.Module):
         b = x.shape[0]
         q = _rope(self.q_norm(self.q_proj(x).view(b, self.heads, self.head_dim)).transpose(0, 1), cos, sin)
         k, v = self.context_kv(x, cos, sin)
-        if self.window is not None:
+        if self.window is not None and visible is None:
             past_k, past_v = past_k[:, -self.window :], past_v[:, -self.window :]
+        elif self.window is not None:
+            # A compiled block reads the context buffers to a bucketed length, `visible` up to the context's end
+            # (a prefix, so its count is the context length): the window is the last `window` of those.
+            positions = torch.arange(visible.shape[0], device=visible.device)
+            visible = visible & (positions >= visible.sum() - self.window)
         k, v = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
-        if self.causal_block:  # block row i sees every context row and block rows 0..i
-            mask = torch.ones(b, k.shape[1], dtype=torch.bool, device=x.device).tril(past_k.shape[1])
+        if self.causal_block:  # block row i sees the (visible) context rows and block rows 0..i
+            context = torch.ones(b, past_k.shape[1], dtype=torch.bool, device=x.device) if visible is None else visible.expand(b, -1)
+            mask = torch.cat([context, torch.ones(b, b, dtype=torch.bool, device=x.device).tril()], 1)
         else:
             mask = block_mask(visible, b)
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
@@ -311,15 +317,19 @@ class DSparkDrafter(nn.Module):
             return self._propose_compiled(x, cos, sin, anchor)
         kv = self._room(start)
         block = self._layers(x, cos, sin, [(k[:, :start], v[:, :start]) for k, v in kv])
-        hidden = block[self.first_slot : self.first_slot + n]
         markov = self.markov_head.weights(self.draft_vocab) if self.markov_head is not None else None
+        tokens, probs, confidence = self._draft(block, n, anchor, markov, sampling, generator)
+        return Proposal(tokens, probs, confidence)
+
+    def _draft(self, block: torch.Tensor, n: int, anchor: torch.Tensor, markov: dict | None, sampling: Sampling,
+               generator=None):
+        """n drafts from the block's hidden states: from its first drafting slot on, through _head."""
         state = None
         if markov is not None and self.first_slot and self.markov_head.kind == "rnn":
             # The recurrent state runs over the whole block: the anchor's slot (its previous token the
             # anchor itself) updates it before slot 1 drafts, as speculators trains it.
             state = markov_bias("rnn", markov, anchor, block[0], None)[1]
-        tokens, probs, confidence = self._head(hidden, anchor, markov, sampling, generator, state)
-        return Proposal(tokens, probs, confidence)
+        return self._head(block[self.first_slot : self.first_slot + n], anchor, markov, sampling, generator, state)
 
     def _head(self, hidden: torch.Tensor, anchor: torch.Tensor, markov: dict | None, sampling: Sampling, generator=None,
               state: torch.Tensor | None = None):
@@ -385,12 +395,10 @@ class DSparkDrafter(nn.Module):
     def compile(self, positions: int) -> None:
         """Compile the greedy block (layers, LM head, Markov chain, confidence) into one graph, a CUDA graph on
         CUDA, with room for `positions` of context, and draft one block with it. Raises what compiling raises;
-        an int8 drafter is refused: torch.compile does not trace its quantised products."""
+        an int8 drafter is refused: torch.compile does not trace its quantised products (and calling them from a
+        graph measured no faster, docs/compiled.md)."""
         if self.int8:
             raise ValueError("its int8 products are not traced by torch.compile; it runs eagerly, in int8")
-        if self.first_slot or any(layer.self_attn.window is not None for layer in self.layers):
-            raise ValueError("the compiled block drafts from every slot with full attention; this drafter's 1+N block "
-                             "or sliding-window layers (speculators' layout) run eagerly")
         mode = "reduce-overhead" if self.device.type == "cuda" else None
         if self.device.type == "cpu":
             cpu_linear.pack_for_graphs(self)
@@ -421,6 +429,6 @@ class DSparkDrafter(nn.Module):
 
     def _greedy_block(self, x, cos, sin, visible, anchor):
         length = visible.shape[0]
-        hidden = self._layers(x, cos, sin, [(k[:, :length], v[:, :length]) for k, v in self._kv], visible)
-        tokens, _, confidence = self._head(hidden, anchor, self._markov, Sampling())
+        block = self._layers(x, cos, sin, [(k[:, :length], v[:, :length]) for k, v in self._kv], visible)
+        tokens, _, confidence = self._draft(block, self.block_size, anchor, self._markov, Sampling())
         return tokens, confidence
