@@ -139,16 +139,16 @@ COMPILED = "/compiled"
 
 def compiled_modes(modes: list[Mode], target: CompiledTarget, sps: list[float] | None, both: bool) -> list[Mode]:
     """Each engine mode run on the compiled target as MODE/compiled, beside its eager self when `both`
-    (transformers and llama.cpp modes run as they are), with its DSpark drafter compiled where it can be
+    (transformers and llama.cpp modes run as they are), with its DSpark or Eagle3 drafter compiled where it can be
     (a twin sharing its weights, so that the eager mode keeps the eager drafter). A compiled mode's greedy
     output must equal the compiled baseline's; the compiled baseline may part from the eager one at
     near-ties only."""
-    twins: dict[int, DSparkDrafter] = {}
+    twins: dict[int, DSparkDrafter | Eagle3Drafter] = {}
 
     def compiled_drafter(drafter):
         if isinstance(drafter, LookupOrDraft):
             return LookupOrDraft(compiled_drafter(drafter.drafter), drafter.lookup)
-        if not isinstance(drafter, DSparkDrafter):
+        if not isinstance(drafter, (DSparkDrafter, Eagle3Drafter)):
             return drafter
         if id(drafter) not in twins:
             twins[id(drafter)] = twin = copy.copy(drafter)  # shares the modules, keeps its own context

@@ -311,18 +311,13 @@ def compile_target(target: Target, max_width: int, feature_layers: tuple[int, ..
 
 
 def compile_drafter(drafter, positions: int) -> None:
-    """Compile a DSpark drafter's greedy block (the drafter of a LookupOrDraft too), with room for `positions`
-    of context. One that cannot be compiled (int8 on a CPU) stays eager, and so does an Eagle3 drafter: a note
-    says why."""
+    """Compile a DSpark or Eagle3 drafter's greedy block or chain (the drafter of a LookupOrDraft too), with room
+    for `positions` of context. One that cannot be compiled (int8 on a CPU) stays eager, with a note that says why."""
     from .dspark import DSparkDrafter
     from .eagle3 import Eagle3Drafter
 
     inner = getattr(drafter, "drafter", drafter)
-    if isinstance(inner, Eagle3Drafter):
-        print("note: the Eagle3 drafter runs eagerly beside the compiled target: its chain (a pass per draft over a "
-              "key/value cache of its own that grows) is not compiled", file=sys.stderr)
-        return
-    if not isinstance(inner, DSparkDrafter):
+    if not isinstance(inner, (DSparkDrafter, Eagle3Drafter)):
         return
     try:
         inner.compile(positions)

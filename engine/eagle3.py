@@ -141,6 +141,28 @@ class GrowingKV:
         self.length = end
         return self.buffers[0][:, :end], self.buffers[1][:, :end]
 
+    def reserve(self, capacity: int, attention: "Eagle3Attention", dtype: torch.dtype, device: torch.device) -> None:
+        """Room for `capacity` positions at once: a compiled chain reads the buffers in place (on CUDA, a buffer
+        that moves is a new recording)."""
+        if self.buffers is None or self.buffers[0].shape[1] < capacity:
+            shape = (attention.kv_heads, capacity, attention.head_dim)
+            self.buffers = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
+            self.length = 0
+
+
+class ChainRow:
+    """A compiled chain step's view of a GrowingKV: it writes its key and value at a position given as a tensor
+    (the graph serves every round) and attends to the buffers up to a bucketed length, masked past the step."""
+
+    def __init__(self, cache: GrowingKV, position: torch.Tensor, length: int):
+        self.cache, self.position, self.length = cache, position, length
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.cache.buffers
+        keys.index_copy_(1, self.position, k)
+        values.index_copy_(1, self.position, v)
+        return keys[:, : self.length], values[:, : self.length]
+
 
 class Eagle3Attention(nn.Module):
     def __init__(self, layout: Eagle3Layout, input_dim: int):
@@ -273,7 +295,7 @@ class Eagle3Drafter(nn.Module):
         entry goes too, so one position less remains, and the target recomputes it."""
         if length <= 1 or not hasattr(self, "_caches") or length <= self._cached:
             keep = max(0, min(length - 1, getattr(self, "_cached", 0)))
-            if keep == 0:
+            if not hasattr(self, "_caches"):
                 self._caches = [GrowingKV() for _ in self.layers]
             for cache in self._caches:
                 cache.length = keep
@@ -305,6 +327,8 @@ class Eagle3Drafter(nn.Module):
             self._head = self._fold(ids[self._cached + 1 : start + 1])
         if self._head is None:
             raise RuntimeError("the drafter holds no context: observe the target's hidden states first")
+        if self.compiled is not None and sampling.greedy and n == self.block_size:
+            return self._propose_compiled(start, ids.device)
         hidden, tokens, probs = self._head[None], [], []  # rows [1, d]: int8 products take matrices only
         for k in range(n):
             token, p = sampling.pick(self._logits(hidden), generator)
@@ -354,6 +378,60 @@ class Eagle3Drafter(nn.Module):
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden if self.layout.norm_output else self.norm(hidden))
         return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
+
+    # --- compiled drafting ----------------------------------------------------------------------
+    compiled = None
+
+    def compile(self, positions: int) -> None:
+        """Compile the greedy chain (its block_size one-token steps, each attending to its caches up to a bucketed
+        length, masked) into one graph, a CUDA graph on CUDA, with room for `positions` of context, and draft one
+        chain with it. Raises what compiling raises; an int8 drafter is refused, as DSparkDrafter.compile does."""
+        if self.int8:
+            raise ValueError("its int8 products are not traced by torch.compile; it runs eagerly, in int8")
+        # Caches of its own: a twin (bench's compiled modes) shares the eager drafter's modules, not its context.
+        self._caches = [GrowingKV() for _ in self.layers]
+        for layer, cache in zip(self.layers, self._caches):
+            cache.reserve(positions + self.block_size, layer.self_attn, self.dtype, self.device)
+            if self.device.type == "cuda":
+                for buffer in cache.buffers:
+                    torch._dynamo.mark_static_address(buffer)
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.compiled = torch.compile(self._greedy_chain, mode=mode, fullgraph=True, dynamic=False)
+        self.rewind(0)
+        self.observe(torch.zeros(1, len(self.feature_layers) * self.layout.hidden_size, dtype=self.dtype, device=self.device))
+        self.propose(torch.zeros(2, dtype=torch.long), self.block_size, Sampling())
+        self.rewind(0)
+
+    def _propose_compiled(self, start: int, device: torch.device) -> Proposal:
+        from .compiled import key_length
+
+        capacity = self._caches[0].buffers[0].shape[1]
+        keys = torch.arange(min(key_length(start + self.block_size, self.device), capacity), device=self.device)
+        torch._dynamo.mark_dynamic(keys, 0)
+        positions = torch.arange(start, start + self.block_size, device=self.device)
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        # A copy, not a view: dynamo would specialise on a view's offset.
+        tokens = self.compiled(self._head.clone(), positions, keys)
+        for cache in self._caches:  # the chain's entries: the target's states replace them next round
+            cache.length = self._cached
+        # A CUDA graph's outputs are overwritten by its next replay, and a proposal may outlive the round.
+        return Proposal(tokens.clone().to(device), None)
+
+    def _greedy_chain(self, head: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        hidden, tokens = head[None], []
+        for k in range(self.block_size):
+            token, _ = Sampling().pick(self._logits(hidden))
+            tokens.append(token if self.draft_vocab is None else self.draft_vocab[token])
+            if k + 1 < self.block_size:
+                position = positions[k : k + 1]
+                embeds = self.embed_tokens(tokens[-1].to(self.embed_tokens.weight.device)).to(self.device, self.dtype)
+                cos, sin = self.rotary_emb(embeds, position[None])
+                mask = (keys <= position)[None]
+                for layer, cache in zip(self.layers, self._caches):
+                    hidden = layer(embeds, hidden, cos[0], sin[0], ChainRow(cache, position, keys.shape[0]), mask)
+                hidden = self.norm(hidden) if self.layout.norm_output else hidden
+        return torch.cat(tokens)
 
 
 def draft_vocab_from(d2t: torch.Tensor, t2d: torch.Tensor | None, vocab_size: int) -> torch.Tensor:

@@ -166,4 +166,4 @@ def folder_calibration(folder: Path) -> list[float] | None:
 def _block(drafter: DSparkDrafter | Eagle3Drafter) -> str:
     chain = isinstance(drafter, Eagle3Drafter)
     return (("Eagle3 drafter, chain" if chain else "drafter block") + f" {drafter.block_size}" + (" in int8" if drafter.int8 else "")
-            + (", compiled" if not chain and drafter.compiled else ""))
+            + (", compiled" if drafter.compiled else ""))

@@ -224,19 +224,39 @@ def test_a_compiled_float_drafter_drafts_losslessly_without_compiling_again(vari
     assert int8.compiled is None
 
 
-def test_an_eagle3_drafter_beside_the_compiled_target_drafts_eagerly_and_losslessly(compiled_tiny, tiny_target_dir, few_prompts,
-                                                                                   compiled_baselines, tmp_path, capsys):
-    """The target's passes compiled, the Eagle3 chain eager (a one-line note says why); forced rounds accept 0..7
-    drafts, rolling back both caches, and the output stays the compiled target's own."""
+def test_an_eagle3_chain_compiles_and_drafts_as_it_does_eagerly(compiled_tiny, tiny_target, tiny_target_dir, few_prompts,
+                                                               compiled_baselines, tmp_path, capsys):
+    """The chain's steps write into the caches' reserved buffers and attend to them up to a bucketed length, masked:
+    drafts equal the eager chain's at contexts on both sides of a bucket's end, with one graph; forced rounds on the
+    compiled target accept 0..7 drafts, rolling back both caches, and the output stays the compiled target's own.
+    An int8 chain stays eager, with a note."""
+    import torch._dynamo
+
     from dspark_chat.engine.compiled import compile_drafter
 
-    drafter = load_drafter(str(make_tiny_eagle3(tmp_path / "eagle3", tiny_target_dir, chain=7)), compiled_tiny)
-    compile_drafter(LookupOrDraft(drafter), compiled_tiny.max_length)
-    note = capsys.readouterr().err
-    assert note.count("\n") == 1 and note.startswith("note: the Eagle3 drafter runs eagerly beside the compiled target")
-    for prompt, baseline in zip(few_prompts, compiled_baselines):
-        forcing = Forcing(drafter, len(prompt), baseline + [0] * 8, [3, 7, 0, 5, 1, 6, 2, 4])
-        assert generated(compiled_tiny, forcing, prompt) == baseline
+    folder = str(make_tiny_eagle3(tmp_path / "eagle3", tiny_target_dir, chain=7))
+    eager, compiled = (load_drafter(folder, tiny_target, int8=False) for _ in range(2))
+    compile_drafter(LookupOrDraft(compiled), compiled_tiny.max_length)
+    assert compiled.compiled is not None
+    torch.manual_seed(0)
+    ids = torch.randint(4, 500, (200,))
+    tiny_target.rewind(0)
+    _, features = tiny_target.forward(ids.tolist(), eager.feature_layers)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for length in (2, 9, 57, 58, 130, 200):
+            drafts = []
+            for drafter in (eager, compiled):
+                drafter.rewind(0)
+                drafter.observe(features[: length - 1])
+                drafts.append(drafter.propose(ids[:length], drafter.block_size, Sampling()).tokens.tolist())
+            assert drafts[0] == drafts[1], length
+        for prompt, baseline in zip(few_prompts, compiled_baselines):
+            forcing = Forcing(compiled, len(prompt), baseline + [0] * 8, [3, 7, 0, 5, 1, 6, 2, 4])
+            assert generated(compiled_tiny, forcing, prompt) == baseline
+    int8 = load_drafter(folder, compiled_tiny)
+    capsys.readouterr()
+    compile_drafter(int8, compiled_tiny.max_length)
+    assert int8.compiled is None and capsys.readouterr().err.startswith("note: the drafter is not compiled: its int8 products")
 
 
 @pytest.mark.parametrize("variant", ["dspark_bonus_rnn", "dflash_anchor_window", "dspark_bonus_window"])
