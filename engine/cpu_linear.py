@@ -233,10 +233,10 @@ def pack_for_graphs(model: nn.Module) -> bool:
     measured ways). Eager products keep their measured ways. The weights must not change afterwards."""
     linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
                and m.weight.dtype.is_floating_point and not hasattr(m, "_hf_hook")]
-    missing = {m.weight.data_ptr(): m.weight.nbytes for m in linears if getattr(m, "packed_weight", None) is None}
-    if not linears or sum(missing.values()) >= _available_memory() / 2:
+    unpacked = [m for m in linears if getattr(m, "packed_weight", None) is None]
+    if not linears or sum({m.weight.data_ptr(): m.weight.nbytes for m in unpacked}.values()) >= _available_memory() / 2:
         return False
-    copies = {m: _packed(m.weight) for m in linears if getattr(m, "packed_weight", None) is None}
+    copies = {m: _packed(m.weight) for m in unpacked}
     if any(copy is None for copy in copies.values()):
         return False  # this torch has no packed product for some weight: the graphs keep the measured ways
     for m in linears:

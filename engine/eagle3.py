@@ -31,6 +31,7 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
+from . import cpu_linear
 from .dspark import _rope
 from .dspark_gemma4 import Gemma4DraftMLP, Gemma4DraftRotary, ScaledEmbedding, gemma4_config, mlp_size
 from .sampling import Proposal, Sampling
@@ -142,12 +143,10 @@ class GrowingKV:
         return self.buffers[0][:, :end], self.buffers[1][:, :end]
 
     def reserve(self, capacity: int, attention: "Eagle3Attention", dtype: torch.dtype, device: torch.device) -> None:
-        """Room for `capacity` positions at once: a compiled chain reads the buffers in place (on CUDA, a buffer
-        that moves is a new recording)."""
-        if self.buffers is None or self.buffers[0].shape[1] < capacity:
-            shape = (attention.kv_heads, capacity, attention.head_dim)
-            self.buffers = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
-            self.length = 0
+        """Buffers for `capacity` positions at once, made before it holds any: a compiled chain reads them in place
+        (on CUDA, a buffer that moves is a new recording)."""
+        shape = (attention.kv_heads, capacity, attention.head_dim)
+        self.buffers = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in "kv")
 
 
 class ChainRow:
@@ -295,7 +294,7 @@ class Eagle3Drafter(nn.Module):
         entry goes too, so one position less remains, and the target recomputes it."""
         if length <= 1 or not hasattr(self, "_caches") or length <= self._cached:
             keep = max(0, min(length - 1, getattr(self, "_cached", 0)))
-            if not hasattr(self, "_caches"):
+            if not hasattr(self, "_caches"):  # kept from then on: a compiled chain reads their buffers in place
                 self._caches = [GrowingKV() for _ in self.layers]
             for cache in self._caches:
                 cache.length = keep
@@ -363,16 +362,18 @@ class Eagle3Drafter(nn.Module):
         """Run entries for `tokens` [t] and input hidden states [t, d] at positions position.. (appended to
         the caches); returns their output hidden states [t, d]."""
         t = tokens.shape[0]
-        embed_device = self.embed_tokens.weight.device
-        embeds = self.embed_tokens(tokens.to(embed_device)).to(self.device, self.dtype)
-        positions = torch.arange(position, position + t, device=self.device)
-        cos, sin = self.rotary_emb(embeds, positions[None])
-        cos, sin = cos[0], sin[0]
         mask = None  # one row attends to everything before it
         if t > 1:
             mask = torch.ones(t, position + t, dtype=torch.bool, device=self.device).tril(position)
-        for layer, cache in zip(self.layers, self._caches):
-            hidden = layer(embeds, hidden, cos, sin, cache, mask)
+        return self._entries(tokens, hidden, torch.arange(position, position + t, device=self.device), self._caches, mask)
+
+    def _entries(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, caches: list, mask):
+        """The layers over tokens [t] and hidden states [t, d] at `positions`, each layer's keys and values
+        appended to its cache in `caches` (a GrowingKV, or a compiled chain step's ChainRow)."""
+        embeds = self.embed_tokens(tokens.to(self.embed_tokens.weight.device)).to(self.device, self.dtype)
+        cos, sin = self.rotary_emb(embeds, positions[None])
+        for layer, cache in zip(self.layers, caches):
+            hidden = layer(embeds, hidden, cos[0], sin[0], cache, mask)
         return self.norm(hidden) if self.layout.norm_output else hidden
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -396,6 +397,8 @@ class Eagle3Drafter(nn.Module):
                 for buffer in cache.buffers:
                     torch._dynamo.mark_static_address(buffer)
         mode = "reduce-overhead" if self.device.type == "cuda" else None
+        if self.device.type == "cpu":
+            cpu_linear.pack_for_graphs(self)
         self.compiled = torch.compile(self._greedy_chain, mode=mode, fullgraph=True, dynamic=False)
         self.rewind(0)
         self.observe(torch.zeros(1, len(self.feature_layers) * self.layout.hidden_size, dtype=self.dtype, device=self.device))
@@ -425,12 +428,8 @@ class Eagle3Drafter(nn.Module):
             tokens.append(token if self.draft_vocab is None else self.draft_vocab[token])
             if k + 1 < self.block_size:
                 position = positions[k : k + 1]
-                embeds = self.embed_tokens(tokens[-1].to(self.embed_tokens.weight.device)).to(self.device, self.dtype)
-                cos, sin = self.rotary_emb(embeds, position[None])
-                mask = (keys <= position)[None]
-                for layer, cache in zip(self.layers, self._caches):
-                    hidden = layer(embeds, hidden, cos[0], sin[0], ChainRow(cache, position, keys.shape[0]), mask)
-                hidden = self.norm(hidden) if self.layout.norm_output else hidden
+                rows = [ChainRow(cache, position, keys.shape[0]) for cache in self._caches]
+                hidden = self._entries(tokens[-1], hidden, position, rows, (keys <= position)[None])
         return torch.cat(tokens)
 
 
