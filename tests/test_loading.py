@@ -180,7 +180,8 @@ def test_no_folder_of_the_checkout_shadows_an_installed_package():
     there: a folder named like an installed package would be imported in its place (transformers 5.25 imports the
     `kernels` package, and a top-level kernels/ broke every import of transformers' models)."""
     import importlib.metadata
-    import tomllib
+
+    from dspark_chat.engine.catalog import tomllib  # tomli before Python 3.11
 
     root = Path(__file__).parent.parent
     folders = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
